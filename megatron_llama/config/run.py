@@ -1,0 +1,153 @@
+"""Parallel layout, training, data and run configs: the typed, validated form of a run YAML."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .errors import ConfigError
+from .model import ModelConfig
+
+CHECKPOINT_MODES = ("none", "selective", "full")
+PARTITION_METHODS = ("bloom", "uniform", "parameters", "cost")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class ParallelConfig:
+    """The 3D layout. ``dp`` = None means "whatever world_size / (tp * pp) is"."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: Optional[int] = None
+    zero_stage: int = 1
+    sequence_parallel: bool = False
+    partition_method: str = "bloom"
+    activation_checkpointing: str = "none"
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dp is not None and self.dp < 1:
+            raise ConfigError(f"parallel.dp must be >= 1, got {self.dp}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.partition_method not in PARTITION_METHODS:
+            raise ConfigError(f"parallel.partition_method={self.partition_method!r}: "
+                              f"choose one of {', '.join(PARTITION_METHODS)}")
+        if self.activation_checkpointing not in CHECKPOINT_MODES:
+            raise ConfigError(f"parallel.activation_checkpointing={self.activation_checkpointing!r}: "
+                              f"choose one of {', '.join(CHECKPOINT_MODES)}")
+        if self.pp > 1 and self.zero_stage > 1:
+            raise ConfigError(f"parallel.zero_stage={self.zero_stage} with parallel.pp={self.pp}: "
+                              "DeepSpeed's pipeline engine supports ZeRO 0/1 only; set zero_stage=1")
+
+    def resolve_dp(self, world_size: int) -> int:
+        """DP size for this world; raises if world_size is not tp*pp*dp."""
+        mp = self.tp * self.pp
+        if world_size % mp:
+            raise ConfigError(f"world size {world_size} is not divisible by tp*pp = {self.tp}*{self.pp}"
+                              f" = {mp}: launch a multiple of {mp} processes or change tp/pp")
+        dp = world_size // mp
+        if self.dp is not None and self.dp != dp:
+            raise ConfigError(f"world size {world_size} != tp*pp*dp = {self.tp}*{self.pp}*{self.dp}"
+                              f" = {mp * self.dp}: launch {mp * self.dp} processes or set parallel.dp={dp}")
+        return dp
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Layout constraints that depend on the model shape."""
+        if model.num_attention_heads % self.tp:
+            raise ConfigError(f"parallel.tp={self.tp} does not divide model.num_attention_heads="
+                              f"{model.num_attention_heads}: use a tp that divides it")
+        if model.num_kv_heads % self.tp:
+            raise ConfigError(f"parallel.tp={self.tp} does not divide model.num_kv_heads="
+                              f"{model.num_kv_heads}: each TP rank must hold whole KV heads")
+        if self.pp > model.num_layers:
+            raise ConfigError(f"parallel.pp={self.pp} is larger than model.num_layers={model.num_layers}:"
+                              " every pipeline stage needs at least one transformer block")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping. Global batch = micro_batch_size * grad_accum_steps * dp."""
+
+    seed: int = 1234
+    steps: int = 100
+    micro_batch_size: int = 1
+    grad_accum_steps: int = 1
+    global_batch_size: Optional[int] = None
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    log_interval: int = 1
+    save_dir: str = "runs/default"
+    save_interval: int = 0
+    save_minutes: float = 0.0
+    keep_last: int = 2
+    wandb_project: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+
+    def check_batch(self, dp: int) -> None:
+        gbs = self.micro_batch_size * self.grad_accum_steps * dp
+        if self.global_batch_size is not None and self.global_batch_size != gbs:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} != micro_batch_size*grad_accum_steps"
+                f"*dp = {self.micro_batch_size}*{self.grad_accum_steps}*{dp} = {gbs}: "
+                f"set grad_accum_steps={self.global_batch_size // max(1, self.micro_batch_size * dp)}"
+                " or drop global_batch_size")
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from.
+
+    ``sources`` is a list of ``{path: <prefix of .bin/.idx>, weight: float, epochs: float?}``;
+    ``corpus`` is raw JSONL to tokenize and preprocess on first use (the quickstart).
+    ``synthetic`` = True feeds deterministic random tokens (tests and benchmarks only).
+    ``seq_len`` defaults to the model's ``max_seq_len`` (2048 for the LLaMA presets).
+    """
+
+    seq_len: Optional[int] = None
+    tokenizer: Optional[str] = None
+    sources: list = field(default_factory=list)
+    corpus: Optional[str] = None
+    cache_dir: str = "runs/data"
+    vocab_size: int = 0
+    synthetic: bool = False
+    text_key: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ConfigError(f"data.seq_len must be >= 2, got {self.seq_len}")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        self.parallel.check_model(self.model)
+        if self.data.seq_len is None:
+            self.data.seq_len = self.model.max_seq_len
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
+                              f"{self.model.max_seq_len}: raise max_seq_len or shorten seq_len")

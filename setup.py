@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-llama",
+    version="0.1.0",
+    description="3D-parallel LLaMA pretraining: megatron-core tensor parallelism x DeepSpeed pipeline/ZeRO",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_llama*", "pipelines*", "launch*", "checkpoints_tools*"]),
+    install_requires=[
+        "torch>=2.4,<=2.14.1",
+        "deepspeed==0.19.8",
+        "megatron-core==0.16.1",
+        "sentencepiece>=0.2",
+        "wandb",
+        "pyyaml",
+        "numpy",
+        "tqdm",
+        "ninja",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "transformers", "safetensors", "matplotlib"],
+    },
+    entry_points={
+        "console_scripts": [
+            "mllama-train=launch.train:main",
+            "mllama-preprocess=megatron_llama.data.preprocess_cli:main",
+            "mllama-tokenizer=megatron_llama.data.tokenizer_cli:main",
+            "mllama-convert=checkpoints_tools.convert:main",
+            "mllama-bench=launch.bench:main",
+        ],
+    },
+)
