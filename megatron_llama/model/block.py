@@ -1,0 +1,54 @@
+"""One pre-norm LLaMA transformer block, with its activation-checkpointing mode."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from megatron.core.model_parallel_config import ModelParallelConfig
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from megatron_llama.config import ModelConfig
+
+from .attention import SelfAttention
+from .mlp import SwiGLUMLP
+from .norm import RMSNorm
+
+# Selective recomputation (LLaMA paper, section 2.4): keep what the matrix products
+# produced, recompute the cheap element-wise work (norms, RoPE, SwiGLU) and attention.
+_SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_selective_context = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
+
+
+class TransformerBlock(torch.nn.Module):
+    """x [s, b, d] -> x + attn(norm(x)) -> h + mlp(norm(h)), same shape.
+
+    ``checkpointing``: ``none`` keeps every activation; ``selective`` keeps matmul outputs
+    only; ``full`` keeps only the block input and recomputes the whole block in backward.
+    """
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, tp_group, checkpointing: str = "none"):
+        super().__init__()
+        self.checkpointing = checkpointing
+        dtype = mp.params_dtype
+        device = "cpu" if mp.use_cpu_initialization else torch.cuda.current_device()
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=dtype)
+        self.attention = SelfAttention(cfg, mp, tp_group)
+        self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=dtype)
+        self.mlp = SwiGLUMLP(cfg, mp, tp_group)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.input_norm(x))
+        return h + self.mlp(self.post_attention_norm(h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or self.checkpointing == "none":
+            return self._forward(x)
+        if self.checkpointing == "full":
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return checkpoint(self._forward, x, use_reentrant=False, context_fn=_selective_context)

@@ -1,0 +1,68 @@
+"""Final RMSNorm, the vocab-parallel LM head, and the language-model loss.
+
+Logits stay split over TP ranks ([s, b, V_padded/tp] each); the loss is megatron-core's
+vocab-parallel cross entropy, so the [tokens x vocab] matrix is never gathered.
+"""
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear
+
+from megatron_llama.config import ModelConfig
+
+from .layout import mark
+from .norm import RMSNorm
+
+
+class FinalNorm(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, tp_group=None):
+        super().__init__()
+        device = "cpu" if mp.use_cpu_initialization else torch.cuda.current_device()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=mp.params_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+class LMHead(torch.nn.Module):
+    """hidden [s, b, d] -> this rank's logits [s, b, V_padded/tp].
+
+    Logits of padding rows (ids >= the real vocab size) are set to -inf, so the softmax and
+    the loss equal those of the unpadded model exactly, whatever the TP size.
+    With ``tied_weight`` the embedding's weight is used (same split: ``vocab``).
+    """
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, tp_group, tied_weight=None):
+        super().__init__()
+        tp = mp.tensor_model_parallel_size
+        vocab = cfg.padded_vocab_size(tp)
+        self.tied_weight = tied_weight
+        self.output = ColumnParallelLinear(cfg.hidden_size, vocab, config=mp, init_method=lambda w: w,
+                                           bias=False, gather_output=False, tp_group=tp_group,
+                                           skip_weight_param_allocation=tied_weight is not None)
+        if tied_weight is None:
+            mark(self.output.weight, "vocab", (vocab, cfg.hidden_size))
+        local = vocab // tp
+        rank = torch.distributed.get_rank(tp_group) if tp > 1 else 0
+        first_pad = cfg.vocab_size - rank * local  # local index of the first padding row
+        self.local_pad_start = first_pad if 0 <= first_pad < local else None
+        if first_pad < 0:
+            self.local_pad_start = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.tied_weight() if self.tied_weight is not None else None
+        logits, _ = self.output(x, weight=weight)
+        if self.local_pad_start is not None:
+            pad = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            pad[self.local_pad_start:] = True
+            logits = logits.masked_fill(pad, float("-inf"))
+        return logits
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy. logits: [s, b, V_local] (this TP rank's slice);
+    labels: [b, s] int64. Computed in fp32; every TP rank returns the same scalar."""
+    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
+    return losses.mean()
