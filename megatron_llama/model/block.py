@@ -25,6 +25,25 @@ def _selective_policy(ctx, op, *args, **kwargs):
 _selective_context = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
 
 
+def _block_forward(block: "TransformerBlock", x: torch.Tensor) -> torch.Tensor:
+    h = x + block.attention(block.input_norm(x))
+    return h + block.mlp(block.post_attention_norm(h))
+
+
+# One compiled graph shared by every block: with dynamo's inlining of nn.Modules the
+# parameters are graph inputs, so L blocks cost one compilation, not L. Inductor fuses the
+# norms, residual adds, RoPE and SwiGLU around the cuBLAS matmuls and the SDPA kernel
+# (measured on an H100, LLaMA-7B shape: 466 -> 536 TFLOP/s; bench/NOTES.md).
+_compiled_block_forward = None
+
+
+def _compiled(block: "TransformerBlock", x: torch.Tensor) -> torch.Tensor:
+    global _compiled_block_forward
+    if _compiled_block_forward is None:
+        _compiled_block_forward = torch.compile(_block_forward)
+    return _compiled_block_forward(block, x)
+
+
 class TransformerBlock(torch.nn.Module):
     """x [s, b, d] -> x + attn(norm(x)) -> h + mlp(norm(h)), same shape.
 
@@ -43,8 +62,7 @@ class TransformerBlock(torch.nn.Module):
         self.mlp = SwiGLUMLP(cfg, mp, tp_group)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.input_norm(x))
-        return h + self.mlp(self.post_attention_norm(h))
+        return _compiled(self, x) if self.compile else _block_forward(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled() or self.checkpointing == "none":

@@ -32,7 +32,7 @@ class LlamaModel(torch.nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", seed: int = 1234):
+                 device: str | torch.device = "cpu", seed: int = 1234, compile: bool = False):
         super().__init__()
         device = torch.device(device)
         mp = megatron_config(parallel, dtype, device)
@@ -40,7 +40,7 @@ class LlamaModel(torch.nn.Module):
         self.cfg = cfg
         self.embedding = Embedding(cfg, mp, tp_group)
         self.layers = torch.nn.ModuleList(
-            TransformerBlock(cfg, mp, tp_group, parallel.activation_checkpointing)
+            TransformerBlock(cfg, mp, tp_group, parallel.activation_checkpointing, compile=compile)
             for _ in range(cfg.num_layers))
         self.final_norm = FinalNorm(cfg, mp)
         tied = (lambda: self.embedding.word_embeddings.weight) if cfg.tie_embeddings else None
