@@ -49,11 +49,14 @@ class TransformerBlock(torch.nn.Module):
 
     ``checkpointing``: ``none`` keeps every activation; ``selective`` keeps matmul outputs
     only; ``full`` keeps only the block input and recomputes the whole block in backward.
+    ``compile`` runs the block through torch.compile (GPU; see ``_compiled``).
     """
 
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, tp_group, checkpointing: str = "none"):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, tp_group, checkpointing: str = "none",
+                 compile: bool = False):
         super().__init__()
         self.checkpointing = checkpointing
+        self.compile = compile
         dtype = mp.params_dtype
         device = "cpu" if mp.use_cpu_initialization else torch.cuda.current_device()
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=dtype)
