@@ -85,6 +85,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     precision: str = "auto"
+    compile: Optional[bool] = None  # torch.compile each block; None = on for CUDA, off on CPU
     log_interval: int = 1
     save_dir: str = "runs/default"
     save_interval: int = 0
