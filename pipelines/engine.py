@@ -1,0 +1,164 @@
+"""DeepSpeed around the model: ZeRO over DP, bf16 with fp32 master weights, clipping, LR schedule.
+
+* PP > 1: a DeepSpeed ``PipelineEngine`` around ``stages.build_pipeline_module`` (ZeRO 0/1 only,
+  DeepSpeed's limit); one optimizer step = ``train_batch`` over the step's micro-batches.
+* PP = 1: a plain ``DeepSpeedEngine`` around ``LlamaModel`` (no pipeline schedule; ZeRO 2/3 also
+  allowed). The DP/TP groups come from DeepSpeed's grid over the same topology (``mpu``).
+
+Precision: bf16 on GPU with fp32 master weights and fp32 gradient accumulation
+(``data_types.grad_accum_dtype = fp32``; DeepSpeed issue 1835), fp32 on CPU.
+Optimizer: a client ``torch.optim.AdamW`` (fused on GPU; no JIT-compiled DeepSpeed Adam), no
+weight decay on 1-D parameters (norm weights and biases).
+Gradient clipping (``train.grad_clip``) is DeepSpeed's: the norm is summed over DP partitions and
+over the TP x PP model-parallel group, counting TP-replicated parameters (norms) once (on TP
+rank 0; megatron-core marks split parameters ``tensor_model_parallel``). The same global norm is
+therefore obtained under every layout (tested).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_llama.config import RunConfig
+from megatron_llama.model import LlamaModel, lm_loss
+
+from .topology import ParallelLayout
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def use_compile(cfg: RunConfig, device: torch.device) -> bool:
+    """``train.compile``, where None means: compiled blocks on GPU, eager on CPU."""
+    return cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
+
+
+def deepspeed_config(cfg: RunConfig, dp: int, dtype: torch.dtype) -> dict:
+    """The DeepSpeed config dict (no optimizer/scheduler sections: those are client objects)."""
+    t = cfg.train
+    conf = {
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * dp,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10 ** 9,          # our trainer logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "pipeline": {"activation_checkpoint_interval": 0},
+    }
+    if dtype == torch.bfloat16:
+        conf["data_types"] = {"grad_accum_dtype": "fp32"}
+    return conf
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; norm weights and biases (1-D) are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
+    t = cfg.train
+    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                             eps=t.eps, fused=device.type == "cuda")
+
+
+@dataclass
+class StepResult:
+    loss: float          # mean token loss over the global batch (same on every rank)
+    grad_norm: float     # global gradient norm before clipping
+    lr: float            # learning rate used by this step's update
+
+
+class TrainEngine:
+    """One optimizer step at a time over this DP rank's micro-batches, whatever the layout."""
+
+    def __init__(self, cfg: RunConfig, layout: ParallelLayout, topology, device: torch.device,
+                 lr_multiplier: Callable[[int], float], dtype: Optional[torch.dtype] = None,
+                 quiet: bool = True):
+        import deepspeed
+        from deepspeed.runtime.pipe.topology import PipelineParallelGrid
+
+        if quiet:
+            logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        self.cfg, self.layout, self.device = cfg, layout, device
+        self.dtype = dtype or resolve_dtype(cfg.train.precision, device)
+        self.pipelined = layout.pp > 1
+        ds_conf = deepspeed_config(cfg, layout.dp, self.dtype)
+        # DeepSpeed prints banners from rank 0 (topology, seeds); keep the trainer's output readable.
+        mute = contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
+        with mute:
+            if self.pipelined:
+                from .stages import build_pipeline_module
+                model = build_pipeline_module(cfg, topology, self.dtype, device, layout.dp)
+                mpu = None  # a PipelineModule brings its own grid
+            else:
+                model = LlamaModel(cfg.model, cfg.parallel, dtype=self.dtype, device=device, seed=cfg.train.seed,
+                                   compile=use_compile(cfg, device))
+                mpu = PipelineParallelGrid(topology=topology)
+            optimizer = build_optimizer(model, cfg, device)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu, config=ds_conf)
+        self.grid = self.engine.grid if self.pipelined else mpu
+        self._check_grid()
+        self.local_params = sum(p.numel() for p in model.parameters())
+
+    def _check_grid(self) -> None:
+        """The engine's groups are the topology's groups (which check_groups_agree compared)."""
+        g, lay = self.grid, self.layout
+        dp = tuple(sorted(g.get_data_parallel_group_ranks()))
+        if dp != lay.dp_ranks or g.get_data_parallel_world_size() != lay.dp:
+            raise RuntimeError(f"DeepSpeed engine DP group {dp} != topology DP group {lay.dp_ranks}")
+        if self.pipelined and tuple(sorted(g.pp_group)) != lay.pp_ranks:
+            raise RuntimeError(f"DeepSpeed engine PP group {g.pp_group} != topology PP group {lay.pp_ranks}")
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train_step(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+        """One optimizer step over ``grad_accum_steps`` micro-batches ``(tokens, labels)`` [b, s]."""
+        lr = self.lr
+        if self.pipelined:
+            it = ((tok.to(self.device), lab.to(self.device)) for tok, lab in micro_batches)
+            loss = self.engine.train_batch(data_iter=it).item()
+        else:
+            total = torch.zeros((), dtype=torch.float32, device=self.device)
+            for tokens, labels in micro_batches:
+                logits = self.engine(tokens.to(self.device))
+                loss_t = lm_loss(logits, labels.to(self.device))
+                self.engine.backward(loss_t)
+                self.engine.step()
+                total += loss_t.detach().float()
+            total /= self.cfg.train.grad_accum_steps
+            if self.layout.dp > 1:
+                dist.all_reduce(total, group=self.grid.get_data_parallel_group())
+                total /= self.layout.dp
+            loss = total.item()
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm.item() if torch.is_tensor(norm) else (norm if norm is not None else float("nan")))
+        return StepResult(loss=loss, grad_norm=norm, lr=lr)
+
+    # --- checkpoints (thin: launch/checkpoint.py owns the directory layout) -------------
+    def save(self, save_dir: str, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state)
+
+    def load(self, save_dir: str, tag: Optional[str] = None) -> Optional[dict]:
+        path, client_state = self.engine.load_checkpoint(save_dir, tag=tag)
+        return client_state if path is not None else None

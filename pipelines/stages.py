@@ -1,0 +1,133 @@
+"""The LLaMA model as a DeepSpeed ``PipelineModule``: ``[embedding, block x L, final norm, head]``.
+
+Each layer is a ``LayerSpec`` of a thin ``*Pipe`` wrapper around the model's own layer; a stage
+builds only its own layers, and each is initialised from its *global* name exactly as
+``LlamaModel`` does, so every TP x PP layout starts from the same weights.
+
+Activation contract between stages: a 1-tuple ``(hidden,)`` with hidden of the fixed shape
+[seq, micro_batch, hidden] (no dynamic shapes; DeepSpeed sends the shapes once). The first stage
+reads ``tokens`` [b, s] and the last stage ``labels`` [b, s] from the same data iterator
+(DeepSpeed's pipeline data contract: items are ``(inputs, labels)``); the loss is megatron-core's
+vocab-parallel cross entropy on the last stage, logits never gathered.
+
+Activation checkpointing is done inside ``TransformerBlock`` (none / selective / full), never by
+DeepSpeed's ``activation_checkpoint_interval``, which would also checkpoint the embedding.
+Stage boundaries come from ``balance.py`` (DeepSpeed has no "custom" partition method, so
+``LlamaPipeline`` overrides ``_partition_layers``).
+"""
+from __future__ import annotations
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule
+from megatron.core import parallel_state
+
+from megatron_llama.config import ConfigError, RunConfig
+from megatron_llama.model import Embedding, FinalNorm, LMHead, TransformerBlock, layer_names, lm_loss
+from megatron_llama.model.init import initialize_module
+from megatron_llama.model.tp_config import megatron_config
+
+from .balance import blocks_per_stage, stage_boundaries
+
+
+def _hidden(x):
+    """Activations arrive as a 1-tuple, or as the bare tensor when DeepSpeed unwrapped it."""
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _build_args(cfg: RunConfig, dtype: torch.dtype, device: torch.device):
+    mp = megatron_config(cfg.parallel, dtype, device)
+    return mp, parallel_state.get_tensor_model_parallel_group()
+
+
+def _init(module: torch.nn.Module, name: str, cfg: RunConfig) -> None:
+    initialize_module(module, name, cfg.model, cfg.train.seed,
+                      parallel_state.get_tensor_model_parallel_rank(), cfg.parallel.tp)
+
+
+class EmbeddingPipe(Embedding):
+    def __init__(self, cfg: RunConfig, dtype: torch.dtype, device: torch.device):
+        mp, group = _build_args(cfg, dtype, device)
+        super().__init__(cfg.model, mp, group)
+        _init(self, "embedding", cfg)
+
+    def forward(self, tokens):
+        return (super().forward(_hidden(tokens)),)
+
+
+class TransformerBlockPipe(TransformerBlock):
+    def __init__(self, index: int, cfg: RunConfig, dtype: torch.dtype, device: torch.device):
+        mp, group = _build_args(cfg, dtype, device)
+        super().__init__(cfg.model, mp, group, cfg.parallel.activation_checkpointing)
+        _init(self, f"layers.{index}", cfg)
+
+    def forward(self, x):
+        return (super().forward(_hidden(x)),)
+
+
+class FinalNormPipe(FinalNorm):
+    def __init__(self, cfg: RunConfig, dtype: torch.dtype, device: torch.device):
+        mp, group = _build_args(cfg, dtype, device)
+        super().__init__(cfg.model, mp, group)
+        _init(self, "final_norm", cfg)
+
+    def forward(self, x):
+        return (super().forward(_hidden(x)),)
+
+
+class LMHeadPipe(LMHead):
+    def __init__(self, cfg: RunConfig, dtype: torch.dtype, device: torch.device):
+        mp, group = _build_args(cfg, dtype, device)
+        super().__init__(cfg.model, mp, group)
+        _init(self, "head", cfg)
+
+    def forward(self, x):
+        return super().forward(_hidden(x))  # logits [s, b, V/tp]: the last stage's output
+
+
+def pipeline_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """loss_fn of the pipeline: mean token cross entropy, vocab-parallel."""
+    return lm_loss(logits, labels)
+
+
+class LlamaPipeline(PipelineModule):
+    """A PipelineModule whose stage boundaries are given, not computed by DeepSpeed."""
+
+    def __init__(self, layers, boundaries: list[int], **kwargs):
+        object.__setattr__(self, "_given_parts", list(boundaries))
+        super().__init__(layers, **kwargs)
+
+    def _partition_layers(self, method: str = "given") -> None:
+        self.parts = list(self._given_parts)
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+
+def layer_specs(cfg: RunConfig, dtype: torch.dtype, device: torch.device) -> list[LayerSpec]:
+    n = cfg.model.num_layers
+    return ([LayerSpec(EmbeddingPipe, cfg, dtype, device)]
+            + [LayerSpec(TransformerBlockPipe, i, cfg, dtype, device) for i in range(n)]
+            + [LayerSpec(FinalNormPipe, cfg, dtype, device), LayerSpec(LMHeadPipe, cfg, dtype, device)])
+
+
+def describe_stages(cfg: RunConfig, boundaries: list[int]) -> str:
+    names = layer_names(cfg.model)
+    counts = blocks_per_stage(boundaries, cfg.model.num_layers)
+    parts = []
+    for s, (a, b) in enumerate(zip(boundaries, boundaries[1:])):
+        extra = [x for x in names[a:b] if not x.startswith("layers.")]
+        blocks = f"{counts[s]} blocks" + (f" + {', '.join(extra)}" if extra else "")
+        parts.append(f"stage {s}: {blocks}")
+    return "; ".join(parts)
+
+
+def build_pipeline_module(cfg: RunConfig, topology, dtype: torch.dtype, device: torch.device,
+                          dp: int) -> LlamaPipeline:
+    """This rank's stage of the model, as a DeepSpeed PipelineModule over ``topology``."""
+    if cfg.model.tie_embeddings:
+        raise ConfigError("model.tie_embeddings=true with parallel.pp>1 is not supported yet: "
+                          "use pp=1 or untied embeddings")
+    bounds = stage_boundaries(cfg.model, cfg.parallel, dp=dp, seq_len=cfg.data.seq_len,
+                              micro_batch_size=cfg.train.micro_batch_size, bf16=dtype == torch.bfloat16)
+    return LlamaPipeline(layer_specs(cfg, dtype, device), bounds, topology=topology,
+                         loss_fn=pipeline_loss, partition_method="given",
+                         activation_checkpoint_interval=0, base_seed=cfg.train.seed)
