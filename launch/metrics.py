@@ -1,0 +1,91 @@
+"""The trainer's console output: start banner, one line per logged step, end summary (rank 0).
+
+Throughput is global tokens per second; TFLOP/s per GPU and MFU follow ``megatron_llama.flops``
+(model FLOPs per token = 6 * N_matmul + 12 * L * d * s, causal mask not discounted, recompute not
+counted). On CPU there is no peak to compare with, so MFU shows as "-".
+"""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from megatron_llama.flops import flops_per_token, mfu, model_tflops_per_gpu, peak_tflops
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def fmt_count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak GPU memory allocated by this process, or its peak resident set on CPU (GiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+class StepLogger:
+    """Formats and prints (rank 0 only) the training lines."""
+
+    def __init__(self, cfg, layout, device: torch.device, tokens_per_step: int, total_steps: int,
+                 enabled: bool, stream=None):
+        self.cfg, self.layout, self.device = cfg, layout, device
+        self.tokens_per_step, self.total_steps = tokens_per_step, total_steps
+        self.enabled = enabled
+        self.stream = stream or sys.stdout
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        self.peak: Optional[float] = peak_tflops(name)
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self._window_start = time.perf_counter()
+        self._window_steps = 0
+
+    def print(self, line: str) -> None:
+        if self.enabled:
+            print(line, file=self.stream, flush=True)
+
+    def banner(self, params: int, source: str, stages: str, resumed_from: Optional[int], dtype) -> None:
+        c, lay, t = self.cfg, self.layout, self.cfg.train
+        self.print(f"mllama-train | model {c.model.name}: {fmt_count(params)} params, {c.model.num_layers} layers, "
+                   f"d={c.model.hidden_size}, heads {c.model.num_attention_heads}/{c.model.num_kv_heads} kv, "
+                   f"vocab {c.model.vocab_size}")
+        self.print(f"  layout {lay.describe()}, ZeRO-{c.parallel.zero_stage}, {str(dtype).replace('torch.', '')}, "
+                   f"checkpointing {c.parallel.activation_checkpointing}" + (f" | {stages}" if stages else ""))
+        self.print(f"  batch {t.micro_batch_size} x {t.grad_accum_steps} micro-batches x DP{lay.dp} = "
+                   f"{t.micro_batch_size * t.grad_accum_steps * lay.dp} sequences x {c.data.seq_len} tokens = "
+                   f"{fmt_count(self.tokens_per_step)} tokens/step; {t.steps} steps, lr {t.lr:g}")
+        self.print(f"  data: {source}")
+        self.print(f"  FLOPs/token {self.flops_per_token:.3g} (6*N_matmul + 12*L*d*s); peak "
+                   + (f"{self.peak:g} TFLOP/s bf16" if self.peak else "unknown (MFU not shown)"))
+        if resumed_from is not None:
+            self.print(f"  resumed from step {resumed_from}")
+
+    def step(self, step: int, result, elapsed_total: float, steps_done: int) -> None:
+        """``step`` is 1-based; throughput is measured since the previous logged step."""
+        self._window_steps += 1
+        if step % self.cfg.train.log_interval and step != self.total_steps:
+            return
+        now = time.perf_counter()
+        dt = (now - self._window_start) / max(1, self._window_steps)
+        self._window_start, self._window_steps = now, 0
+        tok_s = self.tokens_per_step / dt
+        tflops = model_tflops_per_gpu(tok_s, self.cfg.model, self.cfg.data.seq_len, self.layout.world_size)
+        u = mfu(tok_s, self.cfg.model, self.cfg.data.seq_len, self.layout.world_size, self.peak)
+        eta = elapsed_total / max(1, steps_done) * (self.total_steps - step)
+        width = len(str(self.total_steps))
+        self.print(f"step {step:>{width}}/{self.total_steps} | loss {result.loss:.4f} | lr {result.lr:.2e} | "
+                   f"grad {result.grad_norm:.3f} | {fmt_count(tok_s)} tok/s | {tflops:.3g} TFLOP/s/GPU | "
+                   f"MFU {'-' if u is None else f'{100 * u:.1f}%'} | mem {memory_gib(self.device):.2f} GiB | "
+                   f"ETA {fmt_duration(eta)}")

@@ -1,0 +1,215 @@
+"""``mllama-train CONFIG.yaml [SECTION.KEY=VALUE ...]``: 3D-parallel LLaMA pretraining.
+
+Runs under any launcher that sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT / LOCAL_RANK::
+
+    deepspeed --num_gpus 8 -m launch.train configs/tiny-gpu-3d.yaml    # (CPU: export OMP_NUM_THREADS=1)
+    torchrun --nproc-per-node 8 -m launch.train configs/tiny-gpu-3d.yaml
+    srun ... (see launch/slurm/train.sbatch)
+
+Started without a launcher (no RANK / WORLD_SIZE in the environment) it starts
+``parallel.tp * parallel.pp * parallel.dp`` processes on this machine itself through
+``torch.distributed.run`` and says so. gloo on CPU, NCCL on GPU, chosen automatically.
+
+Every bad layout or config is reported before any process group exists as one line
+``error: <what and how to fix>`` (printed by rank 0 only), exit status 2, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_llama.config import ConfigError, RunConfig, load_config
+
+USAGE = "mllama-train CONFIG.yaml [SECTION.KEY=VALUE ...]   (e.g. train.steps=50 parallel.tp=2)"
+
+
+@dataclass
+class TrainSummary:
+    steps: int = 0                 # optimizer steps done by this invocation
+    final_step: int = 0            # global step reached (includes resumed steps)
+    losses: list = field(default_factory=list)
+    grad_norms: list = field(default_factory=list)
+    lrs: list = field(default_factory=list)
+    wall_time_s: float = 0.0
+    tokens_per_s: float = 0.0
+    checkpoint: Optional[str] = None
+    resumed_from: Optional[int] = None
+
+
+def _env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def validate_layout(cfg: RunConfig, world_size: int) -> int:
+    """All layout / batch checks that need only the world size; returns DP. Raises ConfigError."""
+    dp = cfg.parallel.resolve_dp(world_size)
+    cfg.parallel.check_model(cfg.model)
+    cfg.train.check_batch(dp)
+    if cfg.parallel.pp > 1 and cfg.model.tie_embeddings:
+        raise ConfigError("model.tie_embeddings=true with parallel.pp>1 is not supported yet: "
+                          "use pp=1 or untied embeddings")
+    return dp
+
+
+def processes_needed(cfg: RunConfig) -> int:
+    return cfg.parallel.tp * cfg.parallel.pp * (cfg.parallel.dp or 1)
+
+
+def rank_zero_first(fn):
+    """Run ``fn`` on global rank 0, then (after a barrier) on the other ranks; returns its result.
+
+    For work that fills a shared cache (tokenizer training, preprocessing): rank 0 builds it, the
+    others then find it ready.
+    """
+    import torch.distributed as dist
+    if dist.get_rank() == 0:
+        out = fn()
+        dist.barrier()
+    else:
+        dist.barrier()
+        out = fn()
+    return out
+
+
+def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, save: bool = True
+          ) -> TrainSummary:
+    """Train on the current distributed world (initialising it if needed). Every rank calls this.
+
+    ``max_steps`` stops early (tests) without changing the LR schedule, which is always defined by
+    ``train.steps``. Returns the same summary on every rank.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from pipelines.engine import TrainEngine
+    from pipelines.stages import describe_stages
+    from pipelines.balance import stage_boundaries
+    from pipelines.topology import build_topology, init_distributed
+
+    from . import checkpoint
+    from .batches import open_batches
+    from .lr_schedule import schedule_for
+    from .metrics import StepLogger, fmt_count, fmt_duration
+
+    device, _backend = init_distributed()
+    layout, topo = build_topology(cfg.parallel, cfg.train.seed, device)
+    engine = TrainEngine(cfg, layout, topo, device, schedule_for(cfg.train))
+    t = cfg.train
+    global_batch = t.micro_batch_size * t.grad_accum_steps * layout.dp
+    tokens_per_step = global_batch * cfg.data.seq_len
+
+    start_step, consumed = checkpoint.resume(engine, layout, t.save_dir) if save else (0, 0)
+    batches, source = open_batches(cfg, consumed, layout.dp_rank, layout.dp, rank_zero_first)
+
+    total_params = cfg.model.num_params(layout.tp)
+    stages = ""
+    if layout.pp > 1:
+        stages = describe_stages(cfg, stage_boundaries(cfg.model, cfg.parallel, layout.dp, cfg.data.seq_len,
+                                                       t.micro_batch_size, engine.dtype == torch.bfloat16))
+    logger = StepLogger(cfg, layout, device, tokens_per_step, t.steps, enabled=log and layout.rank == 0)
+    logger.banner(total_params, source, stages, start_step or None, engine.dtype)
+
+    summary = TrainSummary(resumed_from=start_step or None)
+    end = t.steps if max_steps is None else min(t.steps, start_step + max_steps)
+    t0 = time.perf_counter()
+    step = start_step
+    while step < end:
+        micro = (next(batches) for _ in range(t.grad_accum_steps))
+        result = engine.train_step(micro)
+        step += 1
+        consumed += global_batch
+        summary.losses.append(result.loss)
+        summary.grad_norms.append(result.grad_norm)
+        summary.lrs.append(result.lr)
+        logger.step(step, result, time.perf_counter() - t0, step - start_step)
+        if save and t.save_interval and step % t.save_interval == 0 and step < end:
+            checkpoint.save(engine, cfg, layout, t.save_dir, step, consumed, result.loss)
+    summary.wall_time_s = time.perf_counter() - t0
+    summary.steps = step - start_step
+    summary.final_step = step
+    summary.tokens_per_s = summary.steps * tokens_per_step / max(summary.wall_time_s, 1e-9)
+    if save and summary.steps:
+        summary.checkpoint = str(checkpoint.save(engine, cfg, layout, t.save_dir, step, consumed,
+                                                 summary.losses[-1]))
+    dist.barrier()
+    if summary.steps:
+        first, last = summary.losses[0], summary.losses[-1]
+        logger.print(f"done | {summary.steps} steps (to step {step}) in {fmt_duration(summary.wall_time_s)} | "
+                     f"loss {first:.4f} -> {last:.4f} | {fmt_count(summary.tokens_per_s)} tok/s"
+                     + (f" | checkpoint {summary.checkpoint}" if summary.checkpoint else ""))
+    else:
+        logger.print(f"nothing to do: the checkpoint in {t.save_dir} is already at step {step} of {t.steps}"
+                     " (raise train.steps to continue)")
+    return summary
+
+
+def _relaunch(nproc: int, argv: list[str]) -> int:
+    """Start ``nproc`` local processes of this trainer through torch.distributed.run."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "launch.train", *argv]
+    print(f"mllama-train: no distributed launcher detected; starting {nproc} local processes:\n  "
+          + " ".join(cmd), flush=True)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else env.get("DS_ACCELERATOR", "cuda"))
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    proc = subprocess.run(cmd, env=env)
+    return proc.returncode
+
+
+def _has_cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="mllama-train", usage=USAGE, description=__doc__.split("\n")[0])
+    parser.add_argument("config", help="run YAML (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE")
+    args = parser.parse_args(argv)
+    in_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if not in_launcher:
+            n = processes_needed(cfg)
+            validate_layout(cfg, n)
+            if n > 1:
+                return _relaunch(n, argv)
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+        validate_layout(cfg, int(os.environ["WORLD_SIZE"]))
+        _quiet_libraries()
+        summary = train(cfg)
+    except ConfigError as e:
+        if _env_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0 if summary is not None else 1
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _quiet_libraries() -> None:
+    """Library start-up chatter (missing apex/TE, DeepSpeed info) is not for the user's console."""
+    import logging
+    import warnings
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    logging.getLogger("megatron").setLevel(logging.ERROR)
+    logging.getLogger("megatron.core").setLevel(logging.ERROR)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
