@@ -1,0 +1,203 @@
+"""``build_train_dataset``: a DataConfig -> windows of ``seq_len + 1`` tokens, validated up front.
+
+Three kinds of input:
+
+* ``synthetic``: deterministic random tokens from the seed (tests and benchmarks only);
+* ``sources``: preprocessed ``.bin``/``.idx`` corpora blended by weight (see blending.py),
+  read with ``data.tokenizer``;
+* ``corpus``: raw JSONL, for the quickstart: a tokenizer is trained (unless ``data.tokenizer``
+  is given) and the corpus preprocessed into ``data.cache_dir`` on first use, both named by
+  a hash of their inputs, so later runs reuse them.
+
+Everything a user can get wrong is checked before anything heavy runs, on every rank (cheap,
+and identical everywhere, so all ranks fail together instead of some waiting at a barrier).
+Heavy work (tokenizer training, preprocessing, index building) runs inside
+``rank_zero_first``, so only global rank 0 does it and the others load the cached results.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..config.errors import ConfigError
+from ..config.run import DataConfig
+from .blending import blend, parse_sources, plan_blend, samples_per_source
+from .indexed import IndexInfo, inspect_indexed
+from .packing import TokenizerView, packed_source, window, windows_per_epoch
+from .tokenizer import Tokenizer, train_tokenizer
+
+DEFAULT_SEQ_LEN = 2048
+ID_CHECK_TOKENS = 1 << 20  # token ids checked against the vocabulary at start-up, per source
+
+
+class SyntheticDataset:
+    """Window ``i`` = random ids seeded by ``(seed, i)``: reproducible, nothing to learn."""
+
+    tokenizer = None
+
+    def __init__(self, seq_len: int, vocab_size: int, seed: int, num_samples: int = 1 << 20):
+        self.seq_len, self.vocab_size, self.seed, self.num_samples = seq_len, vocab_size, seed, num_samples
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, int(i)])
+        return rng.integers(0, self.vocab_size, self.seq_len + 1, dtype=np.int64)
+
+    def describe(self) -> str:
+        return f"synthetic data: {self.num_samples:,} windows of {self.seq_len}+1 random ids < {self.vocab_size}"
+
+
+class TrainDataset:
+    """Blended, packed windows: ``ds[i]`` is int64 ``[seq_len + 1]``."""
+
+    def __init__(self, inner, seq_len: int, tokenizer: Tokenizer, summary: str):
+        self.inner, self.seq_len, self.tokenizer, self._summary = inner, seq_len, tokenizer, summary
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < self._len:
+            raise IndexError(f"window {i} out of range [0, {self._len})")
+        return window(self.inner[i])
+
+    def describe(self) -> str:
+        return self._summary
+
+    @property
+    def _len(self) -> int:
+        return getattr(self, "length", None) or len(self.inner)
+
+
+def _file_hash(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _check_ids(info: IndexInfo, tok: Tokenizer, where: str) -> None:
+    """The first tokens of the corpus must be ids of this tokenizer (catches a wrong tokenizer)."""
+    ids = np.memmap(f"{info.prefix}.bin", dtype=info.dtype, mode="r",
+                    shape=(min(info.num_tokens, ID_CHECK_TOKENS),))
+    top = int(ids.max()) if len(ids) else 0
+    if top >= tok.vocab_size:
+        raise ConfigError(f"{where}: {info.prefix}.bin contains token id {top} but tokenizer "
+                          f"{tok.path} has only {tok.vocab_size} ids: the corpus was preprocessed "
+                          "with another tokenizer; set data.tokenizer to that one")
+
+
+def _check_size(info: IndexInfo, seq_len: int, where: str) -> None:
+    if info.num_tokens == 0:
+        raise ConfigError(f"{where}: {info.prefix} is an empty corpus (0 tokens): preprocess a "
+                          "corpus with documents in it")
+    if info.num_tokens < seq_len + 1:
+        raise ConfigError(f"{where}: {info.prefix} has {info.num_tokens} tokens, fewer than one "
+                          f"sequence (seq_len+1 = {seq_len + 1}): add data or lower data.seq_len")
+
+
+def _load_tokenizer(path: Optional[str], model_vocab_size: int) -> Tokenizer:
+    tok = Tokenizer.load(path)
+    if tok.vocab_size > model_vocab_size:
+        raise ConfigError(f"tokenizer {path} has {tok.vocab_size} ids but model.vocab_size is "
+                          f"{model_vocab_size}: set model.vocab_size >= {tok.vocab_size} (the model "
+                          "pads its vocabulary, never the reverse)")
+    return tok
+
+
+def _prepare_corpus(data: DataConfig, model_vocab_size: int) -> tuple[str, str]:
+    """Train/preprocess the raw corpus into the cache if needed; (tokenizer path, prefix)."""
+    from .preprocess import preprocess  # imports tqdm/multiprocessing only when needed
+
+    corpus, cache = data.corpus, Path(data.cache_dir)
+    key = _file_hash(corpus)
+    tokenizer = data.tokenizer
+    if tokenizer is None:
+        vocab = data.vocab_size or model_vocab_size
+        prefix = cache / f"tokenizer-{key}-{data.text_key}-v{vocab}"
+        tokenizer = f"{prefix}.model"
+        if not Path(tokenizer).is_file():
+            train_tokenizer([corpus], str(prefix), vocab, text_key=data.text_key)
+    tok = _load_tokenizer(tokenizer, model_vocab_size)
+    out = cache / f"corpus-{key}-{data.text_key}-tok{tok.checksum[:12]}"
+    if not Path(f"{out}.idx").is_file():
+        print(preprocess([corpus], str(out), tokenizer, text_key=data.text_key, progress=False).describe())
+    return tokenizer, str(out)
+
+
+def build_train_dataset(data: DataConfig, seed: int, model_vocab_size: int,
+                        rank_zero_first: Optional[Callable[[Callable[[], None]], object]] = None):
+    """Validated training windows for ``data``; see the module docstring.
+
+    ``rank_zero_first(fn)`` must run ``fn`` on global rank 0, barrier, then on the other ranks.
+    Raises ConfigError (before any heavy work where the input allows) for bad input.
+    """
+    seq_len = data.seq_len or DEFAULT_SEQ_LEN
+    if data.synthetic:
+        return SyntheticDataset(seq_len, model_vocab_size, seed)
+    run = rank_zero_first or (lambda fn: fn())
+    if data.corpus is not None and data.sources:
+        raise ConfigError("data.corpus and data.sources are both set: use corpus for raw JSONL or "
+                          "sources for preprocessed .bin/.idx, not both")
+    if data.corpus is not None:
+        if not Path(data.corpus).is_file():
+            raise ConfigError(f"data.corpus={data.corpus} does not exist: point it at a JSONL file "
+                              "(data/corpus.jsonl ships with the repository)")
+        if data.tokenizer is not None:
+            _load_tokenizer(data.tokenizer, model_vocab_size)
+        paths: list = []
+        run(lambda: paths.append(_prepare_corpus(data, model_vocab_size)))
+        tokenizer, prefix = paths[-1]
+        sources = [{"path": prefix}]
+        name = f"corpus {data.corpus}"
+    elif data.sources:
+        if data.tokenizer is None:
+            raise ConfigError("data.sources needs data.tokenizer: the tokenizer.model the corpora "
+                              "were preprocessed with")
+        tokenizer, sources, name = data.tokenizer, data.sources, "sources"
+    else:
+        raise ConfigError("no training data: set data.corpus (raw JSONL, e.g. data/corpus.jsonl), "
+                          "data.sources (preprocessed .bin/.idx) or data.synthetic=true")
+
+    # --- validation: cheap, on every rank ----------------------------------------------------
+    tok = _load_tokenizer(tokenizer, model_vocab_size)
+    specs = parse_sources(sources)
+    infos = []
+    for i, spec in enumerate(specs):
+        where = f"data.sources[{i}]" if name == "sources" else f"data.corpus={data.corpus}"
+        info = inspect_indexed(spec.path, where)
+        _check_size(info, seq_len, where)
+        _check_ids(info, tok, where)
+        infos.append(info)
+    windows = [windows_per_epoch(info, seq_len) for info in infos]
+    weights, length = plan_blend(specs, windows)
+    view = TokenizerView(tok.vocab_size, tok.eos_id, tok.checksum)
+
+    # --- index building: rank 0 first (writes the caches), then the others (map them) --------
+    built: list = []
+
+    def build() -> None:
+        counts = samples_per_source(weights, length)
+        parts = [packed_source(info, seq_len, seed, n, view, data.cache_dir)
+                 for info, n in zip(infos, counts)]
+        if len(parts) == 1:
+            inner = parts[0]
+        else:
+            inner = blend(parts, weights, length, str(Path(data.cache_dir) / "index-cache" / "blends"))
+        built.append(inner)
+
+    run(build)
+    mix = ", ".join(f"{Path(i.prefix).name} w={w:.3g} x{w * length / n:.2f} epochs"
+                    for i, w, n in zip(infos, weights, windows))
+    summary = (f"{name}: {length:,} windows of {seq_len}+1 tokens, "
+               f"{sum(i.num_tokens for i in infos):,} tokens in {sum(i.num_documents for i in infos):,} "
+               f"documents [{mix}]; tokenizer vocab {tok.vocab_size} sha256 {tok.checksum[:12]}")
+    ds = TrainDataset(built[-1], seq_len, tok, summary)
+    ds.length = length  # a single GPTDataset holds whole epochs; serve exactly the planned N
+    return ds
