@@ -20,17 +20,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import DType
 
 from ..config.errors import ConfigError
 
 MAGIC = b"MMIDIDX\x00\x00"
 HEADER_BYTES = len(MAGIC) + 8 + 1 + 8 + 8  # = 34
+# megatron.core.datasets.indexed_dataset.DType, copied so the CLIs start without importing
+# megatron-core (seconds); a test checks the two tables agree.
+DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
+               7: np.float32, 8: np.uint16}
+CODE_OF = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
 
 
 def token_dtype(vocab_size: int) -> type:
     """uint16 below 65500 ids (LLaMA's 32k), else int32: megatron-core's own choice."""
-    return DType.optimal_dtype(vocab_size)
+    return np.uint16 if vocab_size < 65500 else np.int32
 
 
 def strip_suffix(prefix: str | os.PathLike) -> str:
@@ -52,7 +56,7 @@ def write_index(idx_path: str | os.PathLike, dtype: type, lengths: np.ndarray,
     np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
     pointers *= np.dtype(dtype).itemsize
     with open(idx_path, "wb") as f:
-        f.write(MAGIC + struct.pack("<Q", 1) + struct.pack("<B", DType.code_from_dtype(dtype)))
+        f.write(MAGIC + struct.pack("<Q", 1) + struct.pack("<B", CODE_OF[np.dtype(dtype)]))
         f.write(struct.pack("<Q", len(lengths)) + struct.pack("<Q", len(document_indices)))
         f.write(lengths.tobytes())
         f.write(pointers.tobytes())
@@ -128,10 +132,10 @@ def inspect_indexed(prefix: str, what: str = "dataset") -> IndexInfo:
         raise ConfigError(f"{what}: {idx} is not a Megatron index (bad header or truncated): "
                           "preprocess the corpus again")
     version, code = struct.unpack("<Q", head[9:17])[0], head[17]
-    if version != 1 or code not in {d.value for d in DType}:
+    if version != 1 or code not in DTYPE_CODES:
         raise ConfigError(f"{what}: {idx} has unknown version {version} / dtype code {code}: "
                           "not a Megatron .idx; preprocess the corpus again")
-    dtype = DType.dtype_from_code(code)
+    dtype = DTYPE_CODES[code]
     n_seq, n_doc = struct.unpack("<QQ", head[18:34])
     expected = HEADER_BYTES + n_seq * 12 + n_doc * 8
     if size not in (expected, expected + n_seq):  # + n_seq: multimodal mode bytes
