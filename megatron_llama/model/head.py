@@ -6,7 +6,8 @@ vocab-parallel cross entropy, so the [tokens x vocab] matrix is never gathered.
 from __future__ import annotations
 
 import torch
-from megatron.core import tensor_parallel
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear
 
@@ -61,8 +62,25 @@ class LMHead(torch.nn.Module):
         return logits
 
 
+def _local_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.transpose(0, 1).flatten())
+
+
+# At TP = 1 the whole vocabulary is local: one compiled kernel pair computes the loss from
+# bf16 logits without materialising an fp32 copy of the [tokens x vocab] matrix (the
+# vocab-parallel path makes ~10 passes over it).
+_compiled_cross_entropy = None
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy. logits: [s, b, V_local] (this TP rank's slice);
     labels: [b, s] int64. Computed in fp32; every TP rank returns the same scalar."""
+    global _compiled_cross_entropy
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        if logits.is_cuda:
+            if _compiled_cross_entropy is None:
+                _compiled_cross_entropy = torch.compile(_local_cross_entropy)
+            return _compiled_cross_entropy(logits, labels)
+        return _local_cross_entropy(logits, labels)
     losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
     return losses.mean()

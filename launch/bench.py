@@ -1,0 +1,212 @@
+"""``mllama-bench``: training throughput of layouts, against a Hugging Face + DeepSpeed baseline.
+
+Each configuration runs real optimizer steps (forward, backward, ZeRO-1 AdamW) in fresh
+processes (``launch/bench_worker.py`` under torch.distributed.run), warm-up excluded, and
+reports the median step: tokens/s/GPU, model TFLOP/s/GPU, MFU, peak memory per GPU, pipeline
+bubble. Model FLOPs per token = 6 * N_matmul + 12 * L * d * s (megatron_llama/flops.py);
+MFU = TFLOP/s per GPU / peak dense bf16 (A100 312, H100 989, H200 989).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+EPILOG = """examples:
+  # one GPU, the 7B block shape cut to 8 layers, 16 sequences per optimizer step, vs HF
+  mllama-bench --preset llama-7b-8l --layouts tp1pp1dp1 --mbs 2,4,8 --baseline hf-deepspeed
+  # a sweep on 4 GPUs, with selective recomputation as well
+  mllama-bench --preset llama-7b --layouts tp1pp1dp4,tp2pp1dp2,tp1pp2dp2 --seqs-per-step 64 \\
+      --checkpointing none,selective
+  # multi-node under SLURM: every rank measures, rank 0 aggregates
+  srun --ntasks-per-node 8 python -m launch.bench_worker '{"impl":"ours",...}' out.json
+  # analytic plan: LLaMA-65B on 2048 A100s, layouts ranked (no GPU needed)
+  mllama-bench --plan --preset llama-65b --gpus 2048 --gpu-type A100 --seqs-per-step 2048
+"""
+
+
+def _layouts(text: str) -> list[tuple[int, int, int]]:
+    out = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        try:
+            tp = int(item.split("tp")[1].split("pp")[0])
+            pp = int(item.split("pp")[1].split("dp")[0])
+            dp = int(item.split("dp")[1])
+        except (IndexError, ValueError):
+            raise SystemExit(f"error: layout {item!r} is not like tp2pp1dp4") from None
+        out.append((tp, pp, dp))
+    return out
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _run_one(spec: dict, timeout: float) -> dict:
+    """Start spec's world of processes on this machine; returns rank 0's result."""
+    world = spec["tp"] * spec["pp"] * spec["dp"]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+               "-m", "launch.bench_worker", json.dumps(spec), str(out)]
+        env = dict(os.environ, PYTHONWARNINGS="ignore")
+        try:
+            proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
+        except subprocess.TimeoutExpired:
+            return dict(spec, error=f"timed out after {timeout:.0f}s")
+        if out.exists():
+            return json.loads(out.read_text())
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        err = "out of memory" if "OutOfMemoryError" in (proc.stderr or "") else " | ".join(tail)[-300:]
+        return dict(spec, error=err)
+
+
+def _row(r: dict) -> str:
+    name = r["impl"] if r["impl"] != "ours" else f"TP{r['tp']}·PP{r['pp']}·DP{r['dp']}"
+    head = f"{name:>14} {r['mbs']:>4} {r['gas']:>4} {r['checkpointing']:>9}"
+    if "error" in r:
+        return f"{head}  {r['error']}"
+    mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+    return (f"{head} {r['step_s']:>7.3f} {r['tokens_per_s_per_gpu']:>10.0f} {r['tflops_per_gpu']:>8.1f} "
+            f"{mfu:>6} {r['peak_mem_gib']:>8.1f} {r['bubble']:>6.1%}")
+
+
+HEADER = (f"{'layout':>14} {'mbs':>4} {'gas':>4} {'ckpt':>9} {'step s':>7} {'tok/s/GPU':>10} "
+          f"{'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8} {'bubble':>6}")
+
+
+def _plot(results: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in results if "error" not in r]
+    labels = [(r["impl"] if r["impl"] != "ours" else f"tp{r['tp']}pp{r['pp']}dp{r['dp']}")
+              + f"\nmbs{r['mbs']} {r['checkpointing']}" for r in ok]
+    fig, ax = plt.subplots(figsize=(max(6, len(ok) * 1.1), 4))
+    colors = ["tab:gray" if r["impl"] != "ours" else "tab:blue" for r in ok]
+    ax.bar(range(len(ok)), [r["tflops_per_gpu"] for r in ok], color=colors)
+    ax.set_xticks(range(len(ok)), labels, fontsize=7)
+    ax.set_ylabel("model TFLOP/s per GPU")
+    ax.set_title(f"{ok[0]['preset']} seq {ok[0]['seq_len']} on {ok[0]['device']}" if ok else "no results")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="mllama-bench", description=__doc__.split("\n\n")[0],
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="llama-7b-8l", help="model preset (see megatron_llama/config/presets.py)")
+    p.add_argument("--layouts", default="tp1pp1dp1", help="comma list like tp1pp1dp4,tp2pp2dp1")
+    p.add_argument("--mbs", default="1,2,4,8", help="micro-batch sizes to try (the best is reported)")
+    p.add_argument("--seqs-per-step", type=int, default=16, help="sequences per optimizer step (global batch)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--checkpointing", default="none", help="comma list of none,selective,full")
+    p.add_argument("--steps", type=int, default=6, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--baseline", choices=["hf-deepspeed"], help="also run HF LlamaForCausalLM + ZeRO-1")
+    p.add_argument("--no-compile", action="store_true", help="run our blocks eagerly")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
+    p.add_argument("--out", default="bench/results/bench.json", help="JSON results (PNG plot beside it)")
+    p.add_argument("--plan", action="store_true", help="print the analytic plan only (no GPU needed)")
+    p.add_argument("--gpus", type=int, default=8, help="--plan: number of GPUs")
+    p.add_argument("--gpu-type", default="H100", help="--plan: A100, H100 or H200")
+    args = p.parse_args(argv)
+
+    from megatron_llama.config import ConfigError, preset
+    from . import bench_plan
+    try:
+        cfg = preset(args.preset, max_seq_len=max(args.seq_len, 2048))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.plan:
+        gpu = bench_plan.GPUS.get(args.gpu_type.upper())
+        if gpu is None:
+            print(f"error: --gpu-type {args.gpu_type}: choose one of {', '.join(bench_plan.GPUS)}", file=sys.stderr)
+            return 2
+        rows = bench_plan.plan(cfg, gpu, args.gpus, args.seqs_per_step, args.seq_len)
+        print(f"plan: {args.preset} ({cfg.num_params() / 1e9:.1f}B) on {args.gpus} x {gpu.name}, "
+              f"{args.seqs_per_step} x {args.seq_len} tokens per step")
+        print(bench_plan.format_plan(rows))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"plan": bench_plan.as_dicts(rows)}, indent=1))
+        return 0
+
+    specs = []
+    for tp, pp, dp in _layouts(args.layouts):
+        for mode in args.checkpointing.split(","):
+            for mbs in _ints(args.mbs):
+                if args.seqs_per_step % (mbs * dp):
+                    continue
+                specs.append(dict(impl="ours", preset=args.preset, tp=tp, pp=pp, dp=dp, mbs=mbs,
+                                  gas=args.seqs_per_step // (mbs * dp), checkpointing=mode,
+                                  seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
+                                  compile=False if args.no_compile else None))
+    if args.baseline:
+        gpus = max(s["tp"] * s["pp"] * s["dp"] for s in specs)
+        for mbs in _ints(args.mbs):
+            if args.seqs_per_step % (mbs * gpus) == 0:
+                specs.append(dict(impl="hf-deepspeed", preset=args.preset, tp=1, pp=1, dp=gpus, mbs=mbs,
+                                  gas=args.seqs_per_step // (mbs * gpus), checkpointing="none",
+                                  seq_len=args.seq_len, steps=args.steps, warmup=args.warmup))
+
+    print(HEADER, flush=True)
+    results = []
+    for spec in specs:
+        t0 = time.time()
+        r = _run_one(spec, args.timeout)
+        r["wall_s"] = round(time.time() - t0, 1)
+        results.append(r)
+        print(_row(r), flush=True)
+
+    ok = [r for r in results if "error" not in r]
+    summary = {}
+    ours = [r for r in ok if r["impl"] == "ours"]
+    base = [r for r in ok if r["impl"] != "ours"]
+    if ours:
+        best = max(ours, key=lambda r: r["tflops_per_gpu"])
+        summary["best"] = {k: best[k] for k in ("tp", "pp", "dp", "mbs", "checkpointing", "tflops_per_gpu",
+                                                "tokens_per_s_per_gpu", "mfu", "peak_mem_gib")}
+        gpu = bench_plan.GPUS.get("H200" if "H200" in best["device"] else "H100" if "H100" in best["device"]
+                                  else "A100")
+        errors = []
+        for r in ours:
+            est = bench_plan.estimate(cfg, gpu, r["tp"], r["pp"], r["dp"], r["mbs"], r["gas"], r["seq_len"],
+                                      r["checkpointing"])
+            r["plan_step_s"], r["plan_mem_gib"] = est.step_s, est.mem_gib
+            errors.append(abs(est.step_s - r["step_s"]) / r["step_s"])
+        summary["plan_step_time_rel_error_max"] = max(errors)
+    if ours and base:
+        b = max(base, key=lambda r: r["tflops_per_gpu"])
+        summary["baseline_best"] = {k: b[k] for k in ("mbs", "tflops_per_gpu", "tokens_per_s_per_gpu",
+                                                      "peak_mem_gib")}
+        summary["ratio_ours_over_baseline"] = summary["best"]["tflops_per_gpu"] / b["tflops_per_gpu"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": " ".join(["mllama-bench", *(argv or sys.argv[1:])]),
+                               "summary": summary, "results": results}, indent=1))
+    plotted = _plot(results, out.with_suffix(".png"))
+    if "best" in summary:
+        b = summary["best"]
+        print(f"best: TP{b['tp']}·PP{b['pp']}·DP{b['dp']} mbs {b['mbs']} {b['checkpointing']}: "
+              f"{b['tflops_per_gpu']:.1f} TFLOP/s/GPU, {b['tokens_per_s_per_gpu']:.0f} tok/s/GPU")
+    if "ratio_ours_over_baseline" in summary:
+        print(f"ours / hf-deepspeed (each at its best micro-batch): {summary['ratio_ours_over_baseline']:.3f}x")
+    if "plan_step_time_rel_error_max" in summary:
+        print(f"analytic plan vs measured step time: max relative error {summary['plan_step_time_rel_error_max']:.1%}")
+    print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if plotted else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
