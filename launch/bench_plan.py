@@ -12,9 +12,10 @@ checked against real runs (``mllama-bench`` reports predicted vs measured):
   (+ one block live); the first stage holds ``pp`` micro-batches in flight (1F1B).
   Logits: ``3 * s * b * V / tp * 4`` bytes on the last stage.
 * **Step time** = compute / efficiency x (1 + bubble) + TP + DP communication + optimizer.
-  Compute: model FLOPs / peak at ``EFFICIENCY`` (fraction of peak the fused single-GPU step
-  reaches: 0.555 measured on an H100, LLaMA-7B shape), x4/3 for full recomputation, x1.05
-  selective. Bubble (1F1B): ``(pp - 1) / m``. TP: 4 all-reduces of ``s*b*d`` bf16 per block
+  Compute: model FLOPs / peak at ``EFFICIENCY`` (0.584), x4/3 for full recomputation, x1.05
+  selective. Per micro-batch: ``48 bytes * P_gpu`` over HBM bandwidth (fp32 gradient
+  accumulation, hooks, launch overhead). Both constants are fitted to the H100 sweep of the
+  LLaMA-7B shape at micro-batches 2/4/8 (bench/results/h100-llama7b8l.json: within 2%). Bubble (1F1B): ``(pp - 1) / m``. TP: 4 all-reduces of ``s*b*d`` bf16 per block
   per micro-batch, ring cost ``2 (tp-1)/tp * bytes / bw_intra``. DP: one all-reduce of the
   fp32 gradient partition per step over ``bw_intra`` (DP inside a node) or ``bw_inter``.
   Optimizer: ``20 bytes * P_gpu / dp`` over HBM bandwidth.
@@ -26,7 +27,8 @@ from dataclasses import asdict, dataclass
 from megatron_llama.config import ModelConfig
 from megatron_llama.flops import flops_per_token
 
-EFFICIENCY = 0.555
+EFFICIENCY = 0.584
+MICRO_BATCH_BYTES_PER_PARAM = 48
 
 
 @dataclass
@@ -85,6 +87,7 @@ def estimate(cfg: ModelConfig, gpu: GPU, tp: int, pp: int, dp: int, mbs: int, ga
     recompute = {"none": 1.0, "selective": 1.05, "full": 4 / 3}[checkpointing]
     bubble = (pp - 1) / (gas + pp - 1) if pp > 1 else 0.0
     t = flops * recompute / (gpus * gpu.peak_tflops * 1e12 * EFFICIENCY) / (1 - bubble)
+    t += gas * MICRO_BATCH_BYTES_PER_PARAM * p_gpu / (gpu.hbm_gbs * 1e9)
     if tp > 1:
         t += (L / pp) * gas * 4 * 2 * (tp - 1) / tp * (seq * mbs * d * 2) / (gpu.intra_gbs * 1e9)
     if dp > 1:
