@@ -33,10 +33,20 @@ import torch
 SPLITS = ("replicated", "rows", "cols", "gate_up", "vocab")
 
 
+# megatron-core's attribute for "this tensor is split over TP", and the dim it is split on.
+# megatron-core sets it only inside its own initialisation (perform_initialization=False here),
+# so we set it: DeepSpeed's gradient-norm (clipping) counts a parameter on every TP rank only when
+# it is marked, and replicated ones (norms) on TP rank 0 only.
+_PARTITION_DIM = {"rows": 0, "vocab": 0, "gate_up": 0, "cols": 1}
+
+
 def mark(param: torch.nn.Parameter, split: str, full_shape: tuple[int, ...]) -> torch.nn.Parameter:
     assert split in SPLITS, split
     param.tp_split = split
     param.full_shape = tuple(full_shape)
+    param.tensor_model_parallel = split != "replicated"
+    param.partition_dim = _PARTITION_DIM.get(split, -1)
+    param.partition_stride = 1
     return param
 
 
