@@ -147,7 +147,8 @@ def inspect_indexed(prefix: str, what: str = "dataset") -> IndexInfo:
     docs = np.frombuffer(mm, np.int64, n_doc, HEADER_BYTES + 12 * n_seq)
     num_tokens = int(lengths.sum(dtype=np.int64))
     item = np.dtype(dtype).itemsize
-    if n_doc < 1 or docs[0] != 0 or docs[-1] != n_seq or (n_seq and pointers[-1] != (num_tokens - lengths[-1]) * item):
+    last_ok = n_seq == 0 or int(pointers[-1]) == (num_tokens - int(lengths[-1])) * item
+    if n_doc < 1 or docs[0] != 0 or docs[-1] != n_seq or not last_ok:
         raise ConfigError(f"{what}: {idx} is internally inconsistent (offsets or document "
                           "boundaries do not add up): preprocess the corpus again")
     bin_size = bin_.stat().st_size

@@ -31,7 +31,7 @@ def open_binary(path: Union[str, Path]) -> tuple[BinaryIO, BinaryIO]:
             raw.close()
             raise ConfigError(f"input {path} is zstd-compressed: pip install zstandard, "
                               "or decompress it with `zstd -d`") from None
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True), raw
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False), raw
     return raw, raw
 
 
