@@ -25,6 +25,7 @@ from typing import Optional
 
 from megatron_llama.config import ConfigError, RunConfig, load_config
 
+_START = time.perf_counter()
 USAGE = "mllama-train CONFIG.yaml [SECTION.KEY=VALUE ...]   (e.g. train.steps=50 parallel.tp=2)"
 
 
@@ -139,13 +140,36 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
     dist.barrier()
     if summary.steps:
         first, last = summary.losses[0], summary.losses[-1]
-        logger.print(f"done | {summary.steps} steps (to step {step}) in {fmt_duration(summary.wall_time_s)} | "
-                     f"loss {first:.4f} -> {last:.4f} | {fmt_count(summary.tokens_per_s)} tok/s"
-                     + (f" | checkpoint {summary.checkpoint}" if summary.checkpoint else ""))
+        total = time.perf_counter() - _START
+        lines = [f"done: {summary.steps} steps (to step {step} of {t.steps}), loss {first:.4f} -> {last:.4f}",
+                 f"  training {fmt_duration(summary.wall_time_s)}, {fmt_count(summary.tokens_per_s)} tok/s; "
+                 f"wall time including start-up {fmt_duration(total)}"]
+        if summary.checkpoint:
+            lines.append(f"  checkpoint {summary.checkpoint} (resumes automatically from {t.save_dir}/latest)")
+        for line in lines:
+            logger.print(line)
+        if save and layout.rank == 0:
+            _write_summary(cfg, layout, summary, total, lines)
     else:
         logger.print(f"nothing to do: the checkpoint in {t.save_dir} is already at step {step} of {t.steps}"
                      " (raise train.steps to continue)")
     return summary
+
+
+def _write_summary(cfg: RunConfig, layout, summary: TrainSummary, total_s: float, lines: list[str]) -> None:
+    """``<save_dir>/summary.json`` and ``summary.txt``: what the run did, readable without tools."""
+    import json
+    from pathlib import Path
+    root = Path(cfg.train.save_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    info = {"layout": layout.describe(), "model": cfg.model.name, "steps": summary.steps,
+            "final_step": summary.final_step, "first_loss": summary.losses[0], "final_loss": summary.losses[-1],
+            "losses": summary.losses, "grad_norms": summary.grad_norms, "lrs": summary.lrs,
+            "train_time_s": round(summary.wall_time_s, 2), "wall_time_s": round(total_s, 2),
+            "tokens_per_s": round(summary.tokens_per_s, 1), "checkpoint": summary.checkpoint,
+            "resumed_from": summary.resumed_from}
+    (root / "summary.json").write_text(json.dumps(info, indent=2))
+    (root / "summary.txt").write_text("\n".join(lines) + "\n")
 
 
 def _relaunch(nproc: int, argv: list[str]) -> int:

@@ -9,6 +9,8 @@ checked at start-up on every rank (:func:`check_groups_agree`), never assumed.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -75,7 +77,9 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[torch.device, str]:
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
-    deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the existing group
+    # wraps the existing group; its CPU comm op announces itself on every rank: keep that quiet
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
     return device, dist.get_backend()
 
 
