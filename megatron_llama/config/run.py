@@ -61,7 +61,7 @@ class ParallelConfig:
                               f"{model.num_attention_heads}: use a tp that divides it")
         if model.num_kv_heads % self.tp:
             raise ConfigError(f"parallel.tp={self.tp} does not divide model.num_kv_heads="
-                              f"{model.num_kv_heads}: each TP rank must hold whole KV heads")
+                              f"{model.num_kv_heads}: use a tp that divides it (each TP rank holds whole KV heads)")
         if self.pp > model.num_layers:
             raise ConfigError(f"parallel.pp={self.pp} is larger than model.num_layers={model.num_layers}:"
                               " every pipeline stage needs at least one transformer block")
