@@ -42,7 +42,8 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
             from megatron.core import parallel_state
             parallel_state.destroy_model_parallel()
         results.put((rank, out))
-    dist.destroy_process_group()
+    # No destroy_process_group(): it waits on peers and made pool shutdown take 30 s; the
+    # process is exiting and gloo's sockets close with it.
 
 
 class WorkerPool:
@@ -75,6 +76,6 @@ class WorkerPool:
         for q in self.queues:
             q.put(None)
         for p in self.procs:
-            p.join(timeout=30)
+            p.join(timeout=10)
             if p.is_alive():
                 p.kill()
