@@ -70,3 +70,20 @@ def test_losses_match_reference_layout(dist_pool, preset, tp, pp, dp):
           f"max |dloss| {abs_d:.2e}, max rel {rel_d:.2e}; grad norms {max_diffs(norms, ref_norms)}")
     assert losses == pytest.approx(ref_losses, rel=RTOL, abs=0)
     assert norms == pytest.approx(ref_norms, rel=1e-4)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("tp,pp,dp,extra,rtol", [
+    (1, 1, 2, ["parallel.zero_stage=2"], RTOL),
+    (1, 1, 2, ["parallel.zero_stage=3"], RTOL),
+    (1, 2, 1, ["parallel.activation_checkpointing=full"], RTOL),
+    # the GPU precision path (bf16 weights, fp32 master weights and fp32 gradient accumulation,
+    # DeepSpeed's BF16_Optimizer with the pipeline engine) run on CPU: bf16 rounding only
+    (1, 2, 1, ["train.precision=bf16"], 5e-3),
+], ids=["DP2-ZeRO2", "DP2-ZeRO3", "PP2-full-recompute", "PP2-bf16"])
+def test_engine_variants_match_reference(dist_pool, tp, pp, dp, extra, rtol):
+    ref_losses, _ = reference(dist_pool, "tiny")
+    losses, _ = run_layout(dist_pool, tp, pp, dp, "tiny", extra=extra)
+    abs_d, rel_d = max_diffs(losses, ref_losses)
+    print(f"\nTP{tp}·PP{pp}·DP{dp} {' '.join(extra)} vs TP1·PP1·DP1: max |dloss| {abs_d:.2e}, max rel {rel_d:.2e}")
+    assert losses == pytest.approx(ref_losses, rel=rtol, abs=0)
