@@ -55,6 +55,9 @@ def parse_sources(sources: Any) -> list[SourceSpec]:
     ``"WEIGHT PATH"`` strings too); a single source may omit its weight."""
     if isinstance(sources, str):
         words = sources.split()
+        if len(words) > 1 and len(words) % 2:
+            raise ConfigError(f"data.sources={sources!r} does not parse: write \"WEIGHT PATH\" pairs, "
+                              "e.g. \"0.3 data/web 0.7 data/books\"")
         sources = words if len(words) == 1 else [" ".join(words[i:i + 2]) for i in range(0, len(words), 2)]
     if not isinstance(sources, list) or not sources:
         raise ConfigError(f"data.sources must be a non-empty list of {{path, weight}}, got {sources!r}")

@@ -183,7 +183,8 @@ def build_train_dataset(data: DataConfig, seed: int, model_vocab_size: int,
     built: list = []
 
     def build() -> None:
-        counts = samples_per_source(weights, length)
+        # a lone source serves its windows as they are; a blend needs a little slack per source
+        counts = [length] if len(infos) == 1 else samples_per_source(weights, length)
         parts = [packed_source(info, seq_len, seed, n, view, data.cache_dir)
                  for info, n in zip(infos, counts)]
         if len(parts) == 1:

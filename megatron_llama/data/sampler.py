@@ -14,6 +14,7 @@ call for any dataset size (a materialised permutation of 500M samples would be 4
 """
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import numpy as np
@@ -31,11 +32,16 @@ def _hash(x: np.ndarray, key: np.uint64) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+@functools.lru_cache(maxsize=64)
+def _round_keys(seed: int, epoch: int) -> tuple:
+    return tuple(np.random.SeedSequence([seed, epoch]).generate_state(_ROUNDS, dtype=np.uint64))
+
+
 def permute(positions: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
     """Map ``positions`` (each in [0, n)) through the (seed, epoch) permutation of range(n)."""
     half = max(1, ((max(n, 2) - 1).bit_length() + 1) // 2)  # the domain 4**half is < 4n
     mask, shift = np.uint64((1 << half) - 1), np.uint64(half)
-    keys = np.random.SeedSequence([seed, epoch]).generate_state(_ROUNDS, dtype=np.uint64)
+    keys = _round_keys(seed, epoch)
 
     def feistel(x: np.ndarray) -> np.ndarray:
         left, right = x >> shift, x & mask
