@@ -191,3 +191,34 @@ def test_conflicting_epochs(prepared, tmp_path):
     one_line_error(cfg(tmp_path, tokenizer=tok.path, sources=[
         {"path": corpus, "weight": 0.5, "epochs": 1}, {"path": digits, "weight": 0.5, "epochs": 1}]),
         match="imply different blend lengths")
+
+
+# --- distributed: rank 0 prepares, the others load; both see the same data ------------------
+
+def _rank_zero_first(fn):
+    import torch.distributed as dist
+    if dist.get_rank() == 0:
+        out = fn()
+        dist.barrier()
+    else:
+        dist.barrier()
+        out = fn()
+    return out
+
+
+def _dist_build(rank, world, corpus, digits, tokenizer, cache):
+    from megatron_llama.data import MicroBatchIterator
+    c = DataConfig(seq_len=SEQ, tokenizer=tokenizer, cache_dir=cache,
+                   sources=[{"path": corpus, "weight": 0.7}, {"path": digits, "weight": 0.3}])
+    ds = build_train_dataset(c, 3, 512, rank_zero_first=_rank_zero_first)
+    tokens, _ = next(MicroBatchIterator(ds, 3, 0, rank, world, 4))
+    return len(ds), ds[11].tolist(), tokens.tolist()
+
+
+@pytest.mark.distributed
+def test_two_ranks_share_cached_indices_and_read_disjoint_batches(prepared, tmp_path, dist_pool):
+    d, tok, corpus, digits = prepared
+    (r0, r1) = dist_pool(2).run(_dist_build, corpus, digits, tok.path, str(tmp_path / "cache"))
+    assert r0[:2] == r1[:2]  # same length, same window 11 on both ranks
+    assert r0[2] != r1[2]    # different micro-batches
+    assert list((tmp_path / "cache" / "index-cache" / "blends").glob("*dataset_index.npy"))

@@ -53,25 +53,26 @@ class SyntheticDataset:
 
 
 class TrainDataset:
-    """Blended, packed windows: ``ds[i]`` is int64 ``[seq_len + 1]``."""
+    """Blended, packed windows: ``ds[i]`` is int64 ``[seq_len + 1]``, ``i < length``.
 
-    def __init__(self, inner, seq_len: int, tokenizer: Tokenizer, summary: str):
-        self.inner, self.seq_len, self.tokenizer, self._summary = inner, seq_len, tokenizer, summary
+    ``inner`` (a GPTDataset or BlendedDataset) may hold a few more windows than planned (whole
+    epochs, blend surplus); exactly ``length`` are served, so an epoch means the planned mix.
+    """
+
+    def __init__(self, inner, length: int, seq_len: int, tokenizer: Tokenizer, summary: str):
+        self.inner, self.length, self.seq_len = inner, length, seq_len
+        self.tokenizer, self._summary = tokenizer, summary
 
     def __len__(self) -> int:
-        return self._len
+        return self.length
 
     def __getitem__(self, i: int) -> np.ndarray:
-        if not 0 <= i < self._len:
-            raise IndexError(f"window {i} out of range [0, {self._len})")
-        return window(self.inner[i])
+        if not 0 <= i < self.length:
+            raise IndexError(f"window {i} out of range [0, {self.length})")
+        return window(self.inner[int(i)])
 
     def describe(self) -> str:
         return self._summary
-
-    @property
-    def _len(self) -> int:
-        return getattr(self, "length", None) or len(self.inner)
 
 
 def _file_hash(path: str) -> str:
@@ -199,6 +200,4 @@ def build_train_dataset(data: DataConfig, seed: int, model_vocab_size: int,
     summary = (f"{name}: {length:,} windows of {seq_len}+1 tokens, "
                f"{sum(i.num_tokens for i in infos):,} tokens in {sum(i.num_documents for i in infos):,} "
                f"documents [{mix}]; tokenizer vocab {tok.vocab_size} sha256 {tok.checksum[:12]}")
-    ds = TrainDataset(built[-1], seq_len, tok, summary)
-    ds.length = length  # a single GPTDataset holds whole epochs; serve exactly the planned N
-    return ds
+    return TrainDataset(built[-1], length, seq_len, tok, summary)

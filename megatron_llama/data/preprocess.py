@@ -148,31 +148,33 @@ def preprocess(inputs: list[str], output: str, tokenizer: str, text_key: str = "
         bar.set_postfix(docs_per_s=f"{summary.documents / elapsed:,.0f}", skipped=summary.skipped,
                         refresh=False)
 
-    with IndexedWriter(output, token_dtype(tok.vocab_size)) as writer:
-        chunks = read_chunks(list(map(str, inputs)), chunk_bytes)
-        if workers == 1:  # in-process: no pickling, and what the per-worker benchmark measures
-            _init_worker(tokenizer)
-            for chunk in chunks:
-                consume(chunk, encode_chunk(chunk, text_key), writer)
-        else:
-            # fork, not spawn: spawn re-runs the caller's __main__ in every worker (a training
-            # script without a main guard would recurse); workers touch only SentencePiece/numpy.
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            with ctx.Pool(workers, _init_worker, (tokenizer,)) as pool:
-                pending: deque = deque()
+    try:
+        with IndexedWriter(output, token_dtype(tok.vocab_size)) as writer:
+            chunks = read_chunks(list(map(str, inputs)), chunk_bytes)
+            if workers == 1:  # in-process: no pickling, and what the per-worker benchmark measures
+                _init_worker(tokenizer)
                 for chunk in chunks:
-                    pending.append((chunk, pool.apply_async(encode_chunk, (chunk, text_key))))
-                    if len(pending) >= 2 * workers:
+                    consume(chunk, encode_chunk(chunk, text_key), writer)
+            else:
+                # fork, not spawn: spawn re-runs the caller's __main__ in every worker (a training
+                # script without a main guard would recurse); workers touch only SentencePiece/numpy.
+                ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+                with ctx.Pool(workers, _init_worker, (tokenizer,)) as pool:
+                    pending: deque = deque()
+                    for chunk in chunks:
+                        pending.append((chunk, pool.apply_async(encode_chunk, (chunk, text_key))))
+                        if len(pending) >= 2 * workers:
+                            c, res = pending.popleft()
+                            consume(c, res.get(), writer)
+                    while pending:
                         c, res = pending.popleft()
                         consume(c, res.get(), writer)
-                while pending:
-                    c, res = pending.popleft()
-                    consume(c, res.get(), writer)
+            summary.seconds = time.perf_counter() - start
+            if summary.documents == 0:
+                first = f" (first: {summary.bad_examples[0][2]})" if summary.bad_examples else ""
+                raise ConfigError(f"no documents in {', '.join(map(str, inputs))}: all {summary.skipped} "
+                                  f"non-blank lines were bad{first}; check --text-key")
+            writer.finalize()
+    finally:
         bar.close()
-        summary.seconds = time.perf_counter() - start
-        if summary.documents == 0:
-            first = f" (first: {summary.bad_examples[0][2]})" if summary.bad_examples else ""
-            raise ConfigError(f"no documents in {', '.join(map(str, inputs))}: all {summary.skipped} "
-                              f"non-blank lines were bad{first}; check --text-key")
-        writer.finalize()
     return summary
