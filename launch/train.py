@@ -58,7 +58,24 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
 
 
 def processes_needed(cfg: RunConfig) -> int:
-    return cfg.parallel.tp * cfg.parallel.pp * (cfg.parallel.dp or 1)
+    """Processes to start on this machine when no launcher did: tp*pp*dp; with ``parallel.dp``
+    unset, as many model replicas as the visible GPUs hold (1 on CPU)."""
+    mp = cfg.parallel.tp * cfg.parallel.pp
+    gpus = _gpu_count()
+    if cfg.parallel.dp is not None:
+        n = mp * cfg.parallel.dp
+    else:
+        n = mp * max(1, gpus // mp)
+    if gpus and n > gpus:
+        raise ConfigError(f"the layout needs {n} processes (tp*pp*dp = {cfg.parallel.tp}*{cfg.parallel.pp}*"
+                          f"{n // mp}), one per GPU, but this machine has {gpus} GPUs: lower parallel.dp, tp or pp,"
+                          " or launch on several nodes (launch/slurm/train.sbatch)")
+    return n
+
+
+def _gpu_count() -> int:
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def rank_zero_first(fn):
@@ -196,6 +213,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="mllama-train", usage=USAGE, description=__doc__.split("\n")[0])
     parser.add_argument("config", help="run YAML (see configs/)")
     parser.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE")
+    # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     in_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     try:
