@@ -130,3 +130,23 @@ def test_cli(tmp_path, tok, capsys):
     with pytest.raises(SystemExit):
         preprocess_main(["--help"])
     assert "examples:" in capsys.readouterr().out
+
+
+def test_killed_run_leaves_nothing_that_looks_finished(tmp_path, tok):
+    import signal
+    import subprocess
+    import sys
+    import time
+    lines = CORPUS.read_text().splitlines(True)
+    src = write_jsonl(tmp_path / "big.jsonl", lines * 12)  # ~18 MB: several seconds of work
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_llama.data.preprocess_cli", "--input",
+                             str(src), "--tokenizer", tok.path, "--output", str(tmp_path / "out"),
+                             "--workers", "1", "--quiet"], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob("out.bin.tmp-*")) and time.time() < deadline:
+        time.sleep(0.05)  # wait until it is writing
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(tmp_path.glob("out.bin.tmp-*"))  # it was interrupted mid-write...
+    assert not (tmp_path / "out.bin").exists() and not (tmp_path / "out.idx").exists()  # ...unfinished
