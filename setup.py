@@ -16,6 +16,7 @@ setup(
         "numpy",
         "tqdm",
         "ninja",
+        "zstandard",
     ],
     extras_require={
         "dev": ["pytest", "pytest-xdist", "hypothesis", "transformers", "safetensors", "matplotlib"],

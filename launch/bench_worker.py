@@ -35,7 +35,7 @@ def _run_config(spec: dict):
 
 def _ours(spec: dict, device: torch.device):
     """A step function over the product's own engine (pipelines.engine.TrainEngine)."""
-    from launch.batches import SyntheticSequences, sharded_micro_batches
+    from launch.batches import open_batches
     from launch.lr_schedule import schedule_for
     from pipelines.engine import TrainEngine
     from pipelines.topology import build_topology
@@ -43,8 +43,7 @@ def _ours(spec: dict, device: torch.device):
     cfg = _run_config(spec)
     layout, topo = build_topology(cfg.parallel, cfg.train.seed, device)
     engine = TrainEngine(cfg, layout, topo, device, schedule_for(cfg.train))
-    data = SyntheticSequences(cfg.model.vocab_size, cfg.data.seq_len, cfg.train.seed)
-    batches = sharded_micro_batches(data, 0, layout.dp_rank, layout.dp, cfg.train.micro_batch_size)
+    batches, _ = open_batches(cfg, 0, layout.dp_rank, layout.dp, rank_zero_first=lambda fn: fn())
 
     def step() -> float:
         return engine.train_step(next(batches) for _ in range(cfg.train.grad_accum_steps)).loss
@@ -56,8 +55,9 @@ def _hf_deepspeed(spec: dict, device: torch.device):
     import deepspeed
     import transformers
 
-    from launch.batches import SyntheticSequences, sharded_micro_batches
     from megatron_llama.config import preset
+    from megatron_llama.data import MicroBatchIterator
+    from megatron_llama.data.build import SyntheticDataset
     from megatron_llama.model.hf_mapping import hf_config_kwargs
 
     cfg = preset(spec["preset"], max_seq_len=max(spec["seq_len"], 2048))
@@ -72,8 +72,8 @@ def _hf_deepspeed(spec: dict, device: torch.device):
           "train_batch_size": spec["mbs"] * spec["gas"] * world, "gradient_clipping": 1.0,
           "bf16": {"enabled": True}, "zero_optimization": {"stage": 1}, "steps_per_print": 10**9}
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
-    data = SyntheticSequences(cfg.vocab_size, spec["seq_len"], 1234)
-    batches = sharded_micro_batches(data, 0, dist.get_rank(), world, spec["mbs"])
+    data = SyntheticDataset(spec["seq_len"], cfg.vocab_size, 1234)
+    batches = iter(MicroBatchIterator(data, 1234, 0, dist.get_rank(), world, spec["mbs"]))
 
     def step() -> float:
         total = 0.0

@@ -79,19 +79,28 @@ def _gpu_count() -> int:
 
 
 def rank_zero_first(fn):
-    """Run ``fn`` on global rank 0, then (after a barrier) on the other ranks; returns its result.
+    """Run ``fn`` on global rank 0, then on the other ranks; returns its result.
 
     For work that fills a shared cache (tokenizer training, preprocessing): rank 0 builds it, the
-    others then find it ready.
+    others then find it ready. If rank 0 fails with a ConfigError (a bad corpus, say), every rank
+    raises the same error instead of waiting forever at a barrier.
     """
     import torch.distributed as dist
     if dist.get_rank() == 0:
-        out = fn()
-        dist.barrier()
-    else:
-        dist.barrier()
-        out = fn()
-    return out
+        status = [None]
+        try:
+            out = fn()
+        except ConfigError as e:
+            status = [str(e)]
+            dist.broadcast_object_list(status, src=0)
+            raise
+        dist.broadcast_object_list(status, src=0)
+        return out
+    status = [None]
+    dist.broadcast_object_list(status, src=0)
+    if status[0] is not None:
+        raise ConfigError(status[0])
+    return fn()
 
 
 def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, save: bool = True

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from megatron_llama.config import RunConfig
 from megatron_llama.model import LlamaModel, lm_loss
 
+from .compile_policy import use_compile
 from .topology import ParallelLayout
 
 
@@ -35,11 +36,6 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
-def use_compile(cfg: RunConfig, device: torch.device) -> bool:
-    """``train.compile``, where None means: compiled blocks on GPU, eager on CPU."""
-    return cfg.train.compile if cfg.train.compile is not None else device.type == "cuda"
 
 
 def deepspeed_config(cfg: RunConfig, dp: int, dtype: torch.dtype) -> dict:

@@ -27,6 +27,7 @@ from megatron_llama.model.init import initialize_module
 from megatron_llama.model.tp_config import megatron_config
 
 from .balance import blocks_per_stage, stage_boundaries
+from .compile_policy import use_compile
 
 
 def _hidden(x):
@@ -57,7 +58,8 @@ class EmbeddingPipe(Embedding):
 class TransformerBlockPipe(TransformerBlock):
     def __init__(self, index: int, cfg: RunConfig, dtype: torch.dtype, device: torch.device):
         mp, group = _build_args(cfg, dtype, device)
-        super().__init__(cfg.model, mp, group, cfg.parallel.activation_checkpointing)
+        super().__init__(cfg.model, mp, group, cfg.parallel.activation_checkpointing,
+                         compile=use_compile(cfg, device))
         _init(self, f"layers.{index}", cfg)
 
     def forward(self, x):
