@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     from megatron_llama.model.hf_mapping import hf_config_kwargs, hf_to_native
     from megatron_llama.model.layout import load_full_state
 
-    device = torch.device(args.device)
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     # the gold reference must be true fp32

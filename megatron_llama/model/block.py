@@ -38,18 +38,38 @@ def _block_forward(block: "TransformerBlock", x: torch.Tensor) -> torch.Tensor:
     return h + block.mlp(block.post_attention_norm(h))
 
 
-# One compiled graph shared by every block: with dynamo's inlining of nn.Modules the
+def _checkpointed_forward(block: "TransformerBlock", x: torch.Tensor) -> torch.Tensor:
+    """The block under its activation-checkpointing mode (training only)."""
+    if block.checkpointing == "full":
+        return checkpoint(_block_forward, block, x, use_reentrant=False)
+    if block.checkpointing == "selective":
+        return checkpoint(_block_forward, block, x, use_reentrant=False, context_fn=_selective_context)
+    return _block_forward(block, x)
+
+
+# Compiled graphs are shared by every block: with dynamo's inlining of nn.Modules the
 # parameters are graph inputs, so L blocks cost one compilation, not L. Inductor fuses the
 # norms, residual adds, RoPE and SwiGLU around the cuBLAS matmuls and the SDPA kernel
-# (measured on an H100, LLaMA-7B shape: 466 -> 536 TFLOP/s; bench/NOTES.md).
-_compiled_block_forward = None
+# (H100, LLaMA-7B shape: 466 -> 536 TFLOP/s; bench/NOTES.md).
+# Where the checkpoint goes, measured on an H200 (bench/results/h200-llama7b8l-recompute-*):
+# * selective: checkpoint *inside* the compiled function. Outside, compiled code is opaque to
+#   the eager selective policy and everything was recomputed (457 TFLOP/s, = full); inside,
+#   the policy reaches the partitioner: 475 TFLOP/s, 61 GiB.
+# * full: checkpoint *outside*, so the recompute replays the fused forward graph: 457 TFLOP/s
+#   against 398 with the checkpoint traced into the graph.
+_compiled_block = None
+_compiled_checkpointed = None
 
 
 def _compiled(block: "TransformerBlock", x: torch.Tensor) -> torch.Tensor:
-    global _compiled_block_forward
-    if _compiled_block_forward is None:
-        _compiled_block_forward = torch.compile(_block_forward)
-    return _compiled_block_forward(block, x)
+    global _compiled_block, _compiled_checkpointed
+    if block.checkpointing == "full" and torch.is_grad_enabled():
+        if _compiled_block is None:
+            _compiled_block = torch.compile(_block_forward)
+        return checkpoint(_compiled_block, block, x, use_reentrant=False)
+    if _compiled_checkpointed is None:
+        _compiled_checkpointed = torch.compile(_checkpointed_forward)
+    return _compiled_checkpointed(block, x)
 
 
 class TransformerBlock(torch.nn.Module):
@@ -72,12 +92,9 @@ class TransformerBlock(torch.nn.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=dtype)
         self.mlp = SwiGLUMLP(cfg, mp, tp_group)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _compiled(self, x) if self.compile else _block_forward(self, x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() or self.checkpointing == "none":
-            return self._forward(x)
-        if self.checkpointing == "full":
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return checkpoint(self._forward, x, use_reentrant=False, context_fn=_selective_context)
+        if self.compile:
+            return _compiled(self, x)
+        if not torch.is_grad_enabled():
+            return _block_forward(self, x)
+        return _checkpointed_forward(self, x)
