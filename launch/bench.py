@@ -23,8 +23,8 @@ EPILOG = """examples:
   # a sweep on 4 GPUs, with selective recomputation as well
   mllama-bench --preset llama-7b --layouts tp1pp1dp4,tp2pp1dp2,tp1pp2dp2 --seqs-per-step 64 \\
       --checkpointing none,selective
-  # multi-node under SLURM: every rank measures, rank 0 aggregates
-  srun --ntasks-per-node 8 python -m launch.bench_worker '{"impl":"ours",...}' out.json
+  # multi-node under SLURM (one layout per job): every rank measures, rank 0 aggregates
+  sbatch --nodes 16 launch/slurm/bench.sbatch '{"impl":"ours","preset":"llama-65b",...}' out.json
   # analytic plan: LLaMA-65B on 2048 A100s, layouts ranked (no GPU needed)
   mllama-bench --plan --preset llama-65b --gpus 2048 --gpu-type A100 --seqs-per-step 2048
 """
