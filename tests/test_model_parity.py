@@ -31,6 +31,8 @@ CASES = {
     "gqa": ("tiny-gqa", dict(vocab_size=VOCAB), "llama"),
     # Qwen2: bias on q, k, v only; also a non-default rope theta (Qwen2 uses 1e6)
     "qkv-bias": ("tiny-gqa", dict(vocab_size=VOCAB, qkv_bias=True, rope_theta=1e6), "qwen2"),
+    # small models tie the LM head to the embedding: one weight, gradients from both uses
+    "tied": ("tiny", dict(vocab_size=VOCAB, tie_embeddings=True), "llama"),
 }
 
 
@@ -160,6 +162,8 @@ def _parity_task(rank, world, tp, case, seed, grads):
     if grads:
         hf_params = dict(hf.named_parameters())
         ours_hf = native_to_hf(ours["grads"], cfg)
+        if cfg.tie_embeddings:  # HF lists the shared weight once, as the embedding
+            assert ours_hf.pop("lm_head.weight") is ours_hf["model.embed_tokens.weight"]
         assert set(ours_hf) == set(hf_params), set(ours_hf) ^ set(hf_params)
         result["grads"] = {n: rel_err(g, hf_params[n].grad) for n, g in ours_hf.items()}
     return result
@@ -205,4 +209,4 @@ def test_gradients_match_hf_tp2(dist_pool, case):
     r = _check(results, f"{case} tp=2 grads", cfg.padded_vocab_size(2) - cfg.vocab_size)
     # HF names: q,k,v,o,gate,up,down + 2 norms per layer (+3 biases); embed, lm_head, final norm
     per_layer = 9 + (3 if CASES[case][1].get("qkv_bias") else 0)
-    assert len(r["grads"]) == cfg.num_layers * per_layer + 3
+    assert len(r["grads"]) == cfg.num_layers * per_layer + (2 if cfg.tie_embeddings else 3)
