@@ -38,6 +38,9 @@ class ParallelConfig:
         if self.activation_checkpointing not in CHECKPOINT_MODES:
             raise ConfigError(f"parallel.activation_checkpointing={self.activation_checkpointing!r}: "
                               f"choose one of {', '.join(CHECKPOINT_MODES)}")
+        if self.sequence_parallel:
+            raise ConfigError("parallel.sequence_parallel=true is not supported yet: "
+                              "set parallel.sequence_parallel=false")
         if self.pp > 1 and self.zero_stage > 1:
             raise ConfigError(f"parallel.zero_stage={self.zero_stage} with parallel.pp={self.pp}: "
                               "DeepSpeed's pipeline engine supports ZeRO 0/1 only; set zero_stage=1")
@@ -69,7 +72,13 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation and bookkeeping. Global batch = micro_batch_size * grad_accum_steps * dp."""
+    """Optimisation and bookkeeping. Global batch = micro_batch_size * grad_accum_steps * dp.
+
+    Checkpoints go to ``save_dir`` every ``save_interval`` steps (0 = off), every ``save_minutes``
+    minutes of wall time (0 = off), on SIGTERM/SIGUSR1 and at the end; the newest ``keep_last``
+    are kept (0 = keep all). ``wandb_project`` set = rank 0 logs every step to Weights & Biases
+    (``WANDB_MODE=offline`` / ``WANDB_DIR`` are honoured).
+    """
 
     seed: int = 1234
     steps: int = 100
@@ -103,6 +112,9 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        for name in ("save_interval", "save_minutes", "keep_last"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0 (0 = off), got {getattr(self, name)}")
 
     def check_batch(self, dp: int) -> None:
         gbs = self.micro_batch_size * self.grad_accum_steps * dp
