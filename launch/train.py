@@ -12,16 +12,21 @@ Started without a launcher (no RANK / WORLD_SIZE in the environment) it starts
 
 Every bad layout or config is reported before any process group exists as one line
 ``error: <what and how to fix>`` (printed by rank 0 only), exit status 2, no traceback.
+
+SIGTERM / SIGUSR1 (SLURM's warning before a time limit or preemption): every rank saves a
+checkpoint at the next step boundary and exits with status 128 + signal (143 / 138); the same
+command resumes it (launch/signals.py, launch/checkpoint.py). Exit status 0 = finished.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from megatron_llama.config import ConfigError, RunConfig, load_config
 
@@ -40,6 +45,7 @@ class TrainSummary:
     tokens_per_s: float = 0.0
     checkpoint: Optional[str] = None
     resumed_from: Optional[int] = None
+    stop_signal: Optional[int] = None  # SIGTERM/SIGUSR1 that stopped the run early (checkpoint saved)
 
 
 def _env_rank() -> int:
@@ -103,12 +109,16 @@ def rank_zero_first(fn):
     return fn()
 
 
-def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, save: bool = True
-          ) -> TrainSummary:
+def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, save: bool = True,
+          on_step: Optional[Callable[[int], None]] = None) -> TrainSummary:
     """Train on the current distributed world (initialising it if needed). Every rank calls this.
 
     ``max_steps`` stops early (tests) without changing the LR schedule, which is always defined by
-    ``train.steps``. Returns the same summary on every rank.
+    ``train.steps``. ``on_step(step)`` is called on every rank after each optimizer step (tests,
+    profilers). With ``save``: resumes from the newest complete checkpoint in ``train.save_dir``,
+    saves every ``save_interval`` steps, every ``save_minutes`` minutes and at the end, and on
+    SIGTERM/SIGUSR1 saves at the next step boundary and returns early with ``stop_signal`` set
+    (see launch/signals.py). Returns the same summary on every rank.
     """
     import torch
     import torch.distributed as dist
@@ -122,6 +132,7 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
     from .batches import open_batches
     from .lr_schedule import schedule_for
     from .metrics import StepLogger, fmt_count, fmt_duration
+    from .signals import StepBoundary, StopSignals, exit_code_for, signal_name
 
     device, _backend = init_distributed()
     layout, topo = build_topology(cfg.parallel, cfg.train.seed, device)
@@ -143,27 +154,44 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
 
     summary = TrainSummary(resumed_from=start_step or None)
     end = t.steps if max_steps is None else min(t.steps, start_step + max_steps)
-    t0 = time.perf_counter()
-    step = start_step
-    while step < end:
-        micro = (next(batches) for _ in range(t.grad_accum_steps))
-        result = engine.train_step(micro)
-        step += 1
-        consumed += global_batch
-        summary.losses.append(result.loss)
-        summary.grad_norms.append(result.grad_norm)
-        summary.lrs.append(result.lr)
-        logger.step(step, result, time.perf_counter() - t0, step - start_step)
-        if save and t.save_interval and step % t.save_interval == 0 and step < end:
-            checkpoint.save(engine, cfg, layout, t.save_dir, step, consumed, result.loss)
-    summary.wall_time_s = time.perf_counter() - t0
-    summary.steps = step - start_step
-    summary.final_step = step
-    summary.tokens_per_s = summary.steps * tokens_per_step / max(summary.wall_time_s, 1e-9)
-    if save and summary.steps:
-        summary.checkpoint = str(checkpoint.save(engine, cfg, layout, t.save_dir, step, consumed,
-                                                 summary.losses[-1]))
-    dist.barrier()
+    with contextlib.ExitStack() as scope:
+        boundary = None
+        if save:  # SIGTERM/SIGUSR1 now mean "save and stop at the next step boundary"
+            stop = scope.enter_context(StopSignals())
+            boundary = StepBoundary(stop, t.save_minutes, device, layout.rank)
+        t0 = time.perf_counter()
+        step = start_step
+        while step < end:
+            micro = (next(batches) for _ in range(t.grad_accum_steps))
+            result = engine.train_step(micro)
+            step += 1
+            consumed += global_batch
+            summary.losses.append(result.loss)
+            summary.grad_norms.append(result.grad_norm)
+            summary.lrs.append(result.lr)
+            logger.step(step, result, time.perf_counter() - t0, step - start_step)
+            if on_step is not None:
+                on_step(step)
+            if boundary is None or step >= end:  # the last step is saved below anyway
+                continue
+            decision = boundary.decide()  # the same on every rank
+            if decision.stop_signal:
+                summary.stop_signal = decision.stop_signal
+                break
+            interval = bool(t.save_interval) and step % t.save_interval == 0
+            if interval or decision.timed_save:
+                checkpoint.save(engine, cfg, layout, t.save_dir, step, consumed, result.loss,
+                                reason="interval" if interval else "timed")
+                boundary.saved()
+        summary.wall_time_s = time.perf_counter() - t0
+        summary.steps = step - start_step
+        summary.final_step = step
+        summary.tokens_per_s = summary.steps * tokens_per_step / max(summary.wall_time_s, 1e-9)
+        if save and summary.steps:
+            reason = signal_name(summary.stop_signal) if summary.stop_signal else "end"
+            summary.checkpoint = str(checkpoint.save(engine, cfg, layout, t.save_dir, step, consumed,
+                                                     summary.losses[-1], reason=reason))
+        dist.barrier()
     if summary.steps:
         first, last = summary.losses[0], summary.losses[-1]
         total = time.perf_counter() - _START
@@ -172,6 +200,10 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
                  f"wall time including start-up {fmt_duration(total)}"]
         if summary.checkpoint:
             lines.append(f"  checkpoint {summary.checkpoint} (resumes automatically from {t.save_dir}/latest)")
+        if summary.stop_signal:
+            lines.append(f"received {signal_name(summary.stop_signal)} at step {step}: saved checkpoint "
+                         f"{summary.checkpoint}, exiting (status {exit_code_for(summary.stop_signal)}); "
+                         "re-submit to resume")
         for line in lines:
             logger.print(line)
         if save and layout.rank == 0:
@@ -193,7 +225,7 @@ def _write_summary(cfg: RunConfig, layout, summary: TrainSummary, total_s: float
             "losses": summary.losses, "grad_norms": summary.grad_norms, "lrs": summary.lrs,
             "train_time_s": round(summary.wall_time_s, 2), "wall_time_s": round(total_s, 2),
             "tokens_per_s": round(summary.tokens_per_s, 1), "checkpoint": summary.checkpoint,
-            "resumed_from": summary.resumed_from}
+            "resumed_from": summary.resumed_from, "stop_signal": summary.stop_signal}
     (root / "summary.json").write_text(json.dumps(info, indent=2))
     (root / "summary.txt").write_text("\n".join(lines) + "\n")
 
@@ -242,7 +274,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if _env_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    return 0 if summary is not None else 1
+    if summary is None:
+        return 1
+    if summary.stop_signal:  # saved and stopped early: 128 + signal, like a shell (launch/signals.py)
+        from .signals import exit_code_for
+        return exit_code_for(summary.stop_signal)
+    return 0
 
 
 def _free_port() -> int:
