@@ -9,7 +9,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -41,15 +41,17 @@ class StepLogger:
     """Formats and prints (rank 0 only) the training lines."""
 
     def __init__(self, cfg, layout, device: torch.device, tokens_per_step: int, total_steps: int,
-                 enabled: bool, stream=None):
+                 enabled: bool, stream=None, sink: Optional[Callable[[int, dict], None]] = None):
+        """``sink(step, metrics)``, if given, receives every step's :meth:`metrics` (wandb)."""
         self.cfg, self.layout, self.device = cfg, layout, device
         self.tokens_per_step, self.total_steps = tokens_per_step, total_steps
         self.enabled = enabled
+        self.sink = sink
         self.stream = stream or sys.stdout
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         self.peak: Optional[float] = peak_tflops(name)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
-        self._window_start = time.perf_counter()
+        self._window_start = self._last_step = time.perf_counter()
         self._window_steps = 0
 
     def print(self, line: str) -> None:
@@ -72,20 +74,36 @@ class StepLogger:
         if resumed_from is not None:
             self.print(f"  resumed from step {resumed_from}")
 
+    def restart_clock(self) -> None:
+        """Throughput is measured from here (call it when the training loop starts)."""
+        self._window_start = self._last_step = time.perf_counter()
+        self._window_steps = 0
+
+    def metrics(self, result, step_time_s: float) -> dict:
+        """One step's numbers: loss, lr, grad norm, global tokens/s, TFLOP/s per GPU, MFU (None
+        without a known peak), memory (GiB) and step time."""
+        tok_s = self.tokens_per_step / max(step_time_s, 1e-9)
+        seq, world = self.cfg.data.seq_len, self.layout.world_size
+        return {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, "tokens_per_s": tok_s,
+                "tflops_per_gpu": model_tflops_per_gpu(tok_s, self.cfg.model, seq, world),
+                "mfu": mfu(tok_s, self.cfg.model, seq, world, self.peak),
+                "mem_gib": memory_gib(self.device), "step_time_s": step_time_s}
+
     def step(self, step: int, result, elapsed_total: float, steps_done: int) -> None:
-        """``step`` is 1-based; throughput is measured since the previous logged step."""
+        """``step`` is 1-based; console throughput is measured since the previous logged step."""
+        now = time.perf_counter()
+        if self.sink is not None:
+            self.sink(step, self.metrics(result, now - self._last_step))
+        self._last_step = now
         self._window_steps += 1
         if step % self.cfg.train.log_interval and step != self.total_steps:
             return
-        now = time.perf_counter()
-        dt = (now - self._window_start) / max(1, self._window_steps)
+        m = self.metrics(result, (now - self._window_start) / max(1, self._window_steps))
         self._window_start, self._window_steps = now, 0
-        tok_s = self.tokens_per_step / dt
-        tflops = model_tflops_per_gpu(tok_s, self.cfg.model, self.cfg.data.seq_len, self.layout.world_size)
-        u = mfu(tok_s, self.cfg.model, self.cfg.data.seq_len, self.layout.world_size, self.peak)
         eta = elapsed_total / max(1, steps_done) * (self.total_steps - step)
         width = len(str(self.total_steps))
+        u = m["mfu"]
         self.print(f"step {step:>{width}}/{self.total_steps} | loss {result.loss:.4f} | lr {result.lr:.2e} | "
-                   f"grad {result.grad_norm:.3f} | {fmt_count(tok_s)} tok/s | {tflops:.3g} TFLOP/s/GPU | "
-                   f"MFU {'-' if u is None else f'{100 * u:.1f}%'} | mem {memory_gib(self.device):.2f} GiB | "
-                   f"ETA {fmt_duration(eta)}")
+                   f"grad {result.grad_norm:.3f} | {fmt_count(m['tokens_per_s'])} tok/s | "
+                   f"{m['tflops_per_gpu']:.3g} TFLOP/s/GPU | MFU {'-' if u is None else f'{100 * u:.1f}%'} | "
+                   f"mem {m['mem_gib']:.2f} GiB | ETA {fmt_duration(eta)}")

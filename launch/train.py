@@ -133,6 +133,7 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
     from .lr_schedule import schedule_for
     from .metrics import StepLogger, fmt_count, fmt_duration
     from .signals import StepBoundary, StopSignals, exit_code_for, signal_name
+    from .wandb_log import WandbLogger
 
     device, _backend = init_distributed()
     layout, topo = build_topology(cfg.parallel, cfg.train.seed, device)
@@ -155,11 +156,15 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
     summary = TrainSummary(resumed_from=start_step or None)
     end = t.steps if max_steps is None else min(t.steps, start_step + max_steps)
     with contextlib.ExitStack() as scope:
+        # rank 0 only; if wandb.init fails: one warning line, training goes on
+        wandb_log = scope.enter_context(WandbLogger(cfg, layout, enabled=layout.rank == 0, persist_id=save))
+        logger.sink = wandb_log.sink
         boundary = None
         if save:  # SIGTERM/SIGUSR1 now mean "save and stop at the next step boundary"
             stop = scope.enter_context(StopSignals())
             boundary = StepBoundary(stop, t.save_minutes, device, layout.rank)
         t0 = time.perf_counter()
+        logger.restart_clock()
         step = start_step
         while step < end:
             micro = (next(batches) for _ in range(t.grad_accum_steps))
