@@ -67,7 +67,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _write_shards(engine, save_dir: str, tag: str, state: dict) -> None:
     """Every rank writes its part; DeepSpeed must not write its own ``latest`` (ours comes last)."""
-    engine.engine.save_checkpoint(save_dir, tag=tag, client_state=state, save_latest=False)
+    engine.save(save_dir, tag, state)
 
 
 def save(engine, cfg, layout, save_dir: str, step: int, consumed_samples: int, last_loss: float,

@@ -153,7 +153,9 @@ class TrainEngine:
 
     # --- checkpoints (thin: launch/checkpoint.py owns the directory layout) -------------
     def save(self, save_dir: str, tag: str, client_state: dict) -> None:
-        self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state)
+        """Every rank writes its shards under ``save_dir/tag``. DeepSpeed's own ``latest`` is not
+        written: launch/checkpoint.py marks a checkpoint complete and points ``latest`` at it."""
+        self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, save_dir: str, tag: Optional[str] = None) -> Optional[dict]:
         path, client_state = self.engine.load_checkpoint(save_dir, tag=tag)

@@ -31,6 +31,9 @@ class FakeEngine:
         self.engine = FakeDeepSpeed(crash_after_files)
         self.loaded = None
 
+    def save(self, save_dir, tag, client_state):  # as TrainEngine.save: no DeepSpeed 'latest'
+        self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
+
     def load(self, save_dir, tag):
         self.loaded = tag
         return json.loads((Path(save_dir) / tag / "mp_rank_01_model_states.pt").read_text())
