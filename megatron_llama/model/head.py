@@ -51,14 +51,17 @@ class LMHead(torch.nn.Module):
         self.local_pad_start = first_pad if 0 <= first_pad < local else None
         if first_pad < 0:
             self.local_pad_start = 0
+        self._pad_mask = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.tied_weight() if self.tied_weight is not None else None
         logits, _ = self.output(x, weight=weight)
         if self.local_pad_start is not None:
-            pad = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-            pad[self.local_pad_start:] = True
-            logits = logits.masked_fill(pad, float("-inf"))
+            if self._pad_mask is None or self._pad_mask.device != logits.device:
+                mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+                mask[self.local_pad_start:] = True
+                self._pad_mask = mask  # built once, not per micro-batch
+            logits = logits.masked_fill(self._pad_mask, float("-inf"))
         return logits
 
 
