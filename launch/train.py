@@ -15,7 +15,7 @@ Every bad layout or config is reported before any process group exists as one li
 
 SIGTERM / SIGUSR1 (SLURM's warning before a time limit or preemption): every rank saves a
 checkpoint at the next step boundary and exits with status 128 + signal (143 / 138); the same
-command resumes it (launch/signals.py, launch/checkpoint.py). Exit status 0 = finished.
+command resumes it (launch/signals.py, megatron_llama/checkpoint/directory.py). Exit status 0 = finished.
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
     from pipelines.balance import stage_boundaries
     from pipelines.topology import build_topology, init_distributed
 
-    from . import checkpoint
+    from megatron_llama import checkpoint
     from .batches import open_batches
     from .lr_schedule import schedule_for
     from .metrics import StepLogger, fmt_count, fmt_duration

@@ -151,10 +151,10 @@ class TrainEngine:
         norm = float(norm.item() if torch.is_tensor(norm) else (norm if norm is not None else float("nan")))
         return StepResult(loss=loss, grad_norm=norm, lr=lr)
 
-    # --- checkpoints (thin: launch/checkpoint.py owns the directory layout) -------------
+    # --- checkpoints (thin: megatron_llama/checkpoint/directory.py owns the directory layout) -------------
     def save(self, save_dir: str, tag: str, client_state: dict) -> None:
         """Every rank writes its shards under ``save_dir/tag``. DeepSpeed's own ``latest`` is not
-        written: launch/checkpoint.py marks a checkpoint complete and points ``latest`` at it."""
+        written: megatron_llama/checkpoint/directory.py marks a checkpoint complete and points ``latest`` at it."""
         self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, save_dir: str, tag: Optional[str] = None) -> Optional[dict]:

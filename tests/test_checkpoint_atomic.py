@@ -1,4 +1,4 @@
-"""The checkpoint directory protocol (launch/checkpoint.py) without DeepSpeed shards: a fake engine
+"""The checkpoint directory protocol (megatron_llama/checkpoint/directory.py) without DeepSpeed shards: a fake engine
 writes one file per "rank" so that crashes can be staged at every point of a save."""
 import json
 from pathlib import Path
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from launch import checkpoint
+from megatron_llama import checkpoint
 from megatron_llama.config import load_config
 
 LAYOUT = SimpleNamespace(tp=1, pp=1, dp=1, world_size=1, describe=lambda: "TP1·PP1·DP1")
