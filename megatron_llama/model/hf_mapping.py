@@ -1,18 +1,28 @@
 """Hugging Face ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` names and layouts <-> ours.
 
-Both sides are *full* (TP = 1) state dicts; TP slicing is ``layout.shard``. HF keeps q, k, v
+Both sides are *full* (TP = 1) tensors; TP slicing is ``layout.shard``. HF keeps q, k, v
 and gate, up as separate matrices; we fuse them (see ``layout.py`` for the row orders) and
 pad the vocabulary rows to a multiple of TP. HF's rotary convention ("rotate half") is the
 one our model uses, so no q/k row permutation is needed (Meta's original checkpoints do
 need one: that belongs to the Meta converter).
+
+The mapping works one pipeline layer at a time (``embedding``, ``layers.i``, ``final_norm``,
+``head``: ``model.llama.layer_names``) so converters can stream: ``hf_keys`` says which HF
+tensors a layer needs, ``layer_hf_to_native`` / ``layer_native_to_hf`` convert just those.
+A tied model's head has no tensor on either side (HF ties ``lm_head`` to the embedding).
 """
 from __future__ import annotations
+
+from typing import Mapping
 
 import torch
 
 from megatron_llama.config import ModelConfig
 
 from .layout import qkv_group_order
+
+_BLOCK = {"input_norm.weight": "input_layernorm.weight", "attention.proj.weight": "self_attn.o_proj.weight",
+          "post_attention_norm.weight": "post_attention_layernorm.weight", "mlp.down.weight": "mlp.down_proj.weight"}
 
 
 def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
@@ -21,59 +31,82 @@ def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([w, w.new_zeros(rows - w.shape[0], *w.shape[1:])], dim=0)
 
 
-def hf_to_native(hf: dict[str, torch.Tensor], cfg: ModelConfig, tp: int = 1) -> dict[str, torch.Tensor]:
-    """HF state dict -> our full state dict (vocab padded for ``tp``)."""
+def hf_keys(cfg: ModelConfig, layer: str) -> list[str]:
+    """The HF tensor names that pipeline layer ``layer`` is made of."""
+    if layer == "embedding":
+        return ["model.embed_tokens.weight"]
+    if layer == "final_norm":
+        return ["model.norm.weight"]
+    if layer == "head":
+        return [] if cfg.tie_embeddings else ["lm_head.weight"]
+    p = f"model.{layer}."
+    keys = [p + v for v in _BLOCK.values()] + [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
+    if cfg.qkv_bias:
+        keys += [p + f"self_attn.{n}_proj.bias" for n in "qkv"]
+    return keys + [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+
+
+def layer_hf_to_native(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, layer: str, tp: int = 1
+                       ) -> dict[str, torch.Tensor]:
+    """HF tensors of one pipeline layer -> our full tensors of it (vocab padded for ``tp``)."""
     vocab = cfg.padded_vocab_size(tp)
+    if layer == "embedding":
+        return {"embedding.word_embeddings.weight": _pad_rows(hf["model.embed_tokens.weight"], vocab)}
+    if layer == "final_norm":
+        return {"final_norm.norm.weight": hf["model.norm.weight"]}
+    if layer == "head":
+        return {} if cfg.tie_embeddings else {"head.output.weight": _pad_rows(hf["lm_head.weight"], vocab)}
     perm = qkv_group_order(cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim)
-    out = {"embedding.word_embeddings.weight": _pad_rows(hf["model.embed_tokens.weight"], vocab),
-           "final_norm.norm.weight": hf["model.norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["head.output.weight"] = _pad_rows(hf["lm_head.weight"], vocab)
-    for i in range(cfg.num_layers):
-        src, dst = f"model.layers.{i}.", f"layers.{i}."
-        qkv = torch.cat([hf[src + f"self_attn.{n}_proj.weight"] for n in "qkv"], dim=0)
-        out[dst + "attention.qkv.weight"] = qkv[perm]
-        if cfg.qkv_bias:
-            bias = torch.cat([hf[src + f"self_attn.{n}_proj.bias"] for n in "qkv"], dim=0)
-            out[dst + "attention.qkv.bias"] = bias[perm]
-        out[dst + "attention.proj.weight"] = hf[src + "self_attn.o_proj.weight"]
-        out[dst + "mlp.gate_up.weight"] = torch.cat(
-            [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]], dim=0)
-        out[dst + "mlp.down.weight"] = hf[src + "mlp.down_proj.weight"]
-        out[dst + "input_norm.weight"] = hf[src + "input_layernorm.weight"]
-        out[dst + "post_attention_norm.weight"] = hf[src + "post_attention_layernorm.weight"]
+    src, dst = f"model.{layer}.", f"{layer}."
+    out = {dst + ours: hf[src + theirs] for ours, theirs in _BLOCK.items()}
+    out[dst + "attention.qkv.weight"] = torch.cat([hf[src + f"self_attn.{n}_proj.weight"] for n in "qkv"])[perm]
+    if cfg.qkv_bias:
+        out[dst + "attention.qkv.bias"] = torch.cat([hf[src + f"self_attn.{n}_proj.bias"] for n in "qkv"])[perm]
+    out[dst + "mlp.gate_up.weight"] = torch.cat([hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]])
     return out
 
 
-def native_to_hf(native: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our full state dict -> HF state dict (vocab padding dropped)."""
+def layer_native_to_hf(native: Mapping[str, torch.Tensor], cfg: ModelConfig, layer: str) -> dict[str, torch.Tensor]:
+    """Our full tensors of one pipeline layer -> HF tensors (vocab padding dropped; a tied head
+    gives nothing: HF re-ties ``lm_head`` to the embedding when it loads)."""
     v = cfg.vocab_size
+    if layer == "embedding":
+        return {"model.embed_tokens.weight": native["embedding.word_embeddings.weight"][:v]}
+    if layer == "final_norm":
+        return {"model.norm.weight": native["final_norm.norm.weight"]}
+    if layer == "head":
+        return {} if cfg.tie_embeddings else {"lm_head.weight": native["head.output.weight"][:v]}
     perm = qkv_group_order(cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel())
-    q_rows = cfg.num_attention_heads * cfg.head_dim
-    kv_rows = cfg.num_kv_heads * cfg.head_dim
-    out = {"model.embed_tokens.weight": native["embedding.word_embeddings.weight"][:v],
-           "model.norm.weight": native["final_norm.norm.weight"]}
+    sizes = [cfg.num_attention_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2
+    src, dst = f"{layer}.", f"model.{layer}."
+    out = {dst + theirs: native[src + ours] for ours, theirs in _BLOCK.items()}
+    for n, t in zip("qkv", native[src + "attention.qkv.weight"][inverse].split(sizes)):
+        out[dst + f"self_attn.{n}_proj.weight"] = t
+    if cfg.qkv_bias:
+        for n, t in zip("qkv", native[src + "attention.qkv.bias"][inverse].split(sizes)):
+            out[dst + f"self_attn.{n}_proj.bias"] = t
+    gate, up = native[src + "mlp.gate_up.weight"].chunk(2, dim=0)
+    out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = gate, up
+    return out
+
+
+def _layers(cfg: ModelConfig) -> list[str]:
+    return ["embedding"] + [f"layers.{i}" for i in range(cfg.num_layers)] + ["final_norm", "head"]
+
+
+def hf_to_native(hf: dict[str, torch.Tensor], cfg: ModelConfig, tp: int = 1) -> dict[str, torch.Tensor]:
+    """HF state dict -> our full state dict (vocab padded for ``tp``)."""
+    return {k: t for layer in _layers(cfg) for k, t in layer_hf_to_native(hf, cfg, layer, tp).items()}
+
+
+def native_to_hf(native: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our full state dict -> HF state dict (vocab padding dropped). With tied embeddings
+    ``lm_head.weight`` is the embedding (for comparing gradients with a tied HF model)."""
+    out = {k: t for layer in _layers(cfg) for k, t in layer_native_to_hf(native, cfg, layer).items()}
     if cfg.tie_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
-    else:
-        out["lm_head.weight"] = native["head.output.weight"][:v]
-    for i in range(cfg.num_layers):
-        src, dst = f"layers.{i}.", f"model.layers.{i}."
-        q, k, vv = native[src + "attention.qkv.weight"][inverse].split([q_rows, kv_rows, kv_rows])
-        out.update({dst + "self_attn.q_proj.weight": q, dst + "self_attn.k_proj.weight": k,
-                    dst + "self_attn.v_proj.weight": vv})
-        if cfg.qkv_bias:
-            qb, kb, vb = native[src + "attention.qkv.bias"][inverse].split([q_rows, kv_rows, kv_rows])
-            out.update({dst + "self_attn.q_proj.bias": qb, dst + "self_attn.k_proj.bias": kb,
-                        dst + "self_attn.v_proj.bias": vb})
-        out[dst + "self_attn.o_proj.weight"] = native[src + "attention.proj.weight"]
-        gate, up = native[src + "mlp.gate_up.weight"].chunk(2, dim=0)
-        out[dst + "mlp.gate_proj.weight"], out[dst + "mlp.up_proj.weight"] = gate, up
-        out[dst + "mlp.down_proj.weight"] = native[src + "mlp.down.weight"]
-        out[dst + "input_layernorm.weight"] = native[src + "input_norm.weight"]
-        out[dst + "post_attention_layernorm.weight"] = native[src + "post_attention_norm.weight"]
     return out
 
 
