@@ -137,8 +137,9 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
 
     device, _backend = init_distributed()
     layout, topo = build_topology(cfg.parallel, cfg.train.seed, device)
-    engine = TrainEngine(cfg, layout, topo, device, schedule_for(cfg.train))
     t = cfg.train
+    init_weights, init_line = _init_from(cfg, layout, save)
+    engine = TrainEngine(cfg, layout, topo, device, schedule_for(cfg.train), init_weights=init_weights)
     global_batch = t.micro_batch_size * t.grad_accum_steps * layout.dp
     tokens_per_step = global_batch * cfg.data.seq_len
 
@@ -152,6 +153,8 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
                                                        t.micro_batch_size, engine.dtype == torch.bfloat16))
     logger = StepLogger(cfg, layout, device, tokens_per_step, t.steps, enabled=log and layout.rank == 0)
     logger.banner(total_params, source, stages, start_step or None, engine.dtype)
+    if init_line:
+        logger.print(init_line)
 
     summary = TrainSummary(resumed_from=start_step or None)
     end = t.steps if max_steps is None else min(t.steps, start_step + max_steps)
@@ -217,6 +220,23 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
         logger.print(f"nothing to do: the checkpoint in {t.save_dir} is already at step {step} of {t.steps}"
                      " (raise train.steps to continue)")
     return summary
+
+
+def _init_from(cfg: RunConfig, layout, save: bool):
+    """``train.init_from``: (a function loading this rank's slices into the new model, the log line)."""
+    spec = cfg.train.init_from
+    if not spec:
+        return None, None
+    from megatron_llama import checkpoint
+    from megatron_llama.checkpoint.init_from import describe_source, load_initial_weights
+    if save and checkpoint.latest(cfg.train.save_dir) is not None:
+        return None, f"train.init_from={spec} ignored: resuming from {cfg.train.save_dir}"
+
+    def load(module):
+        from megatron.core import parallel_state
+        load_initial_weights(module, cfg.model, spec, parallel_state.get_tensor_model_parallel_rank(),
+                             layout.tp, pipelined=layout.pp > 1)
+    return load, f"initialised from {describe_source(spec)}: weights only, fresh optimizer, step 0"
 
 
 def _write_summary(cfg: RunConfig, layout, summary: TrainSummary, total_s: float, lines: list[str]) -> None:

@@ -86,7 +86,7 @@ class TrainEngine:
 
     def __init__(self, cfg: RunConfig, layout: ParallelLayout, topology, device: torch.device,
                  lr_multiplier: Callable[[int], float], dtype: Optional[torch.dtype] = None,
-                 quiet: bool = True):
+                 quiet: bool = True, init_weights: Optional[Callable[[torch.nn.Module], None]] = None):
         import deepspeed
         from deepspeed.runtime.pipe.topology import PipelineParallelGrid
 
@@ -107,6 +107,8 @@ class TrainEngine:
                 model = LlamaModel(cfg.model, cfg.parallel, dtype=self.dtype, device=device, seed=cfg.train.seed,
                                    compile=use_compile(cfg, device))
                 mpu = PipelineParallelGrid(topology=topology)
+            if init_weights is not None:  # before DeepSpeed copies the weights into its fp32 masters
+                init_weights(model)
             optimizer = build_optimizer(model, cfg, device)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

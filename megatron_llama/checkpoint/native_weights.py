@@ -119,26 +119,29 @@ class NativeCheckpoint:
         """Parameters at this checkpoint's TP (vocabulary padded for it)."""
         return param_table(self.model, self.tp)
 
-    def layer_shards(self, layer: int) -> list[dict[str, torch.Tensor]]:
-        """Pipeline layer ``layer``'s tensors as each TP rank saved them: ``[rank] -> {global name: shard}``."""
+    def rank_shard(self, layer: int, tp_rank: int) -> dict[str, torch.Tensor]:
+        """Pipeline layer ``layer``'s tensors as TP rank ``tp_rank`` saved them: ``{global name: shard}``
+        (shapes checked against the table; only that rank's file is opened)."""
         rows = [p for p in self.table if p.layer == layer]
         prefix = pipeline_layers(self.model)[layer] + "."
-        out = []
-        for r in range(self.tp):
-            if self.per_layer_files:
-                state = torch_load(self.path / layer_file(layer, r), str(self.path)) if rows else {}
-                state = {prefix + k: v for k, v in state.items() if not k.endswith("._extra_state")}
-            else:
-                module = torch_load(self.path / mp_rank_file(0, r, self.tp), str(self.path)).get("module") or {}
-                state = {k: v for k, v in module.items() if k.startswith(prefix) and not k.endswith("._extra_state")}
-            check_key_set(set(state), {p.name for p in rows}, f"{self.path} (TP rank {r})")
-            for p in rows:
-                want = _local_shape(p, self.tp)
-                if tuple(state[p.name].shape) != want:
-                    raise ConfigError(f"{self.path}: {p.name} of TP rank {r} has shape {tuple(state[p.name].shape)}"
-                                      f", but the config in {META} says {want}: the files do not belong to this run")
-            out.append(state)
-        return out
+        r = tp_rank
+        if self.per_layer_files:
+            state = torch_load(self.path / layer_file(layer, r), str(self.path)) if rows else {}
+            state = {prefix + k: v for k, v in state.items() if not k.endswith("._extra_state")}
+        else:
+            module = torch_load(self.path / mp_rank_file(0, r, self.tp), str(self.path)).get("module") or {}
+            state = {k: v for k, v in module.items() if k.startswith(prefix) and not k.endswith("._extra_state")}
+        check_key_set(set(state), {p.name for p in rows}, f"{self.path} (TP rank {r})")
+        for p in rows:
+            want = _local_shape(p, self.tp)
+            if tuple(state[p.name].shape) != want:
+                raise ConfigError(f"{self.path}: {p.name} of TP rank {r} has shape {tuple(state[p.name].shape)}"
+                                  f", but the config in {META} says {want}: the files do not belong to this run")
+        return state
+
+    def layer_shards(self, layer: int) -> list[dict[str, torch.Tensor]]:
+        """Pipeline layer ``layer``'s tensors of every TP rank: ``[rank] -> {global name: shard}``."""
+        return [self.rank_shard(layer, r) for r in range(self.tp)]
 
     def layer(self, layer: int, pad_for_tp: Optional[int] = None) -> dict[str, torch.Tensor]:
         """Full (TP = 1) tensors of pipeline layer ``layer``; vocabulary rows padded for TP ``pad_for_tp``

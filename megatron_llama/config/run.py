@@ -77,7 +77,9 @@ class TrainConfig:
     Checkpoints go to ``save_dir`` every ``save_interval`` steps (0 = off), every ``save_minutes``
     minutes of wall time (0 = off), on SIGTERM/SIGUSR1 and at the end; the newest ``keep_last``
     are kept (0 = keep all). ``wandb_project`` set = rank 0 logs every step to Weights & Biases
-    (``WANDB_MODE=offline`` / ``WANDB_DIR`` are honoured).
+    (``WANDB_MODE=offline`` / ``WANDB_DIR`` are honoured). ``init_from`` (``hf:DIR`` or a native
+    checkpoint) starts a new run from those weights (megatron_llama/checkpoint/init_from.py); it is
+    ignored when the run resumes from its own ``save_dir``.
     """
 
     seed: int = 1234
@@ -101,6 +103,7 @@ class TrainConfig:
     save_minutes: float = 0.0
     keep_last: int = 2
     wandb_project: Optional[str] = None
+    init_from: Optional[str] = None  # hf:DIR or a native checkpoint: weights only, fresh optimizer, step 0
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval"):

@@ -1,0 +1,83 @@
+"""``mllama-convert inspect DIR``: what a checkpoint directory holds, read from metadata only.
+
+Native checkpoints: ``run.json`` (layout, step, tokens consumed, config), the parameter table
+(shape, TP split) and dtypes from one memory-mapped shard (no tensor data is read); whether
+DeepSpeed universal-checkpoint metadata is present. HF directories: config.json and the
+safetensors headers. Meta directories: params.json and the shard names.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from megatron_llama.config import ConfigError
+
+
+def describe(path: str, tensors: bool = False) -> str:
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return _describe_hf(p, tensors)
+    if (p / "params.json").is_file():
+        return _describe_meta(p)
+    return _describe_native(p, tensors)
+
+
+def _describe_native(p: Path, tensors: bool) -> str:
+    from megatron_llama.checkpoint.native_weights import open_native, torch_load, layer_file, mp_rank_file
+    ck = open_native(p)
+    m, meta = ck.model, ck.meta
+    seq = ck.config.data.seq_len
+    consumed = int(meta.get("consumed_samples", 0))
+    shard = torch_load(ck.path / (layer_file(1, 0) if ck.per_layer_files else mp_rank_file(0, 0, ck.tp)), str(ck.path))
+    state = shard if ck.per_layer_files else (shard.get("module") or {})
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in state.values() if hasattr(t, "dtype")})
+    universal = any((ck.path / d).is_dir() for d in ("zero", "universal")) or bool(meta.get("universal"))
+    lines = [f"{ck.path}: native checkpoint ({'weights only' if meta.get('weights_only') else 'full training state'}"
+             f"{', from ' + meta['source'] if meta.get('source') else ''})",
+             f"  layout    TP{ck.tp}·PP{ck.pp}·DP{ck.dp}, ZeRO-{ck.config.parallel.zero_stage}, "
+             f"{'PipelineModule layer files' if ck.per_layer_files else 'PP=1 module files'}",
+             f"  step      {ck.step}, {consumed} samples = {consumed * seq:,} tokens consumed (seq_len {seq})",
+             f"  model     {m.name}: d={m.hidden_size}, {m.num_layers} layers, {m.num_attention_heads} heads / "
+             f"{m.num_kv_heads} KV heads, ffn {m.ffn_hidden_size}, {m.num_params() / 1e6:.1f}M parameters, "
+             f"tied={m.tie_embeddings}, qkv_bias={m.qkv_bias}",
+             f"  vocab     {m.vocab_size} (padded to {m.padded_vocab_size(ck.tp)} for TP{ck.tp})",
+             f"  dtype     {', '.join(dtypes) or '?'}",
+             f"  tokenizer {ck.config.data.tokenizer or ck.config.data.corpus or 'none recorded'}",
+             f"  universal checkpoint metadata: {'yes' if universal else 'no'}"]
+    if tensors:
+        lines.append(f"  {'parameter':44s} {'full shape':>16s}  split       pipeline name")
+        for row in ck.table:
+            lines.append(f"  {row.name:44s} {str(list(row.shape)):>16s}  {row.split:10s}  {row.pipe_name}")
+    return "\n".join(lines)
+
+
+def _describe_hf(p: Path, tensors: bool) -> str:
+    from megatron_llama.checkpoint.hf_source import HFWeights, hf_model_config
+    cfg = hf_model_config(p)
+    w = HFWeights(p)
+    files = sorted({f.name for f in w.where.values()})
+    lines = [f"{p}: Hugging Face {json.loads((p / 'config.json').read_text()).get('architectures', ['?'])[0]}",
+             f"  model     d={cfg.hidden_size}, {cfg.num_layers} layers, {cfg.num_attention_heads} heads / "
+             f"{cfg.num_kv_heads} KV heads, ffn {cfg.ffn_hidden_size}, vocab {cfg.vocab_size}, "
+             f"{cfg.num_params() / 1e6:.1f}M parameters, tied={cfg.tie_embeddings}, qkv_bias={cfg.qkv_bias}",
+             f"  files     {len(files)} ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''}), {len(w.names)} tensors",
+             f"  tokenizer {'tokenizer.model' if (p / 'tokenizer.model').is_file() else 'no tokenizer.model'}"]
+    if tensors:
+        for name in sorted(w.names):
+            f = w.where[name]
+            if f.suffix == ".safetensors":
+                s = w._handle(f).get_slice(name)
+                lines.append(f"  {name:52s} {str(s.get_shape()):>16s} {s.get_dtype()}  {f.name}")
+            else:
+                lines.append(f"  {name:52s} {f.name}")
+    return "\n".join(lines)
+
+
+def _describe_meta(p: Path) -> str:
+    try:
+        params = json.loads((p / "params.json").read_text())
+    except ValueError as e:
+        raise ConfigError(f"{p}/params.json is not valid JSON ({e})") from None
+    shards = sorted(x.name for x in p.glob("consolidated.*.pth"))
+    return "\n".join([f"{p}: Meta checkpoint", f"  params    {json.dumps(params)}",
+                      f"  shards    {len(shards)} ({', '.join(shards[:4])})"])
