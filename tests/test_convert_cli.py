@@ -1,0 +1,241 @@
+"""``mllama-convert`` in one process: bitwise HF round trip through TP2·PP2, Meta's interleaved-RoPE
+checkpoints against a reference model of our own, and every kind of bad input (one ``error:`` line,
+exit status 2, nothing left behind)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from checkpoints_tools.convert import main
+from test_model_parity import case_config, hf_reference
+
+
+def _hf_dir(tmp_path: Path, case: str = "gqa", name: str = "hf", shard: str = "40KB") -> Path:
+    cfg = case_config(case)
+    d = tmp_path / name
+    hf_reference(cfg, "qwen2" if case == "qkv-bias" else "llama", seed=5).save_pretrained(d, max_shard_size=shard)
+    return d
+
+
+def _tensors(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _run(argv) -> int:
+    return main(argv + ["--no-progress"] if argv[0] != "inspect" else argv)
+
+
+def test_hf_round_trip_through_tp2_pp2_is_bitwise(tmp_path):
+    hf = _hf_dir(tmp_path, "qkv-bias")
+    assert _run(["hf-to-native", str(hf), str(tmp_path / "n"), "--tp", "2", "--pp", "2", "--verify", "no"]) == 0
+    assert _run(["native-to-hf", str(tmp_path / "n"), str(tmp_path / "back"), "--dtype", "fp32",
+                 "--max-shard-size", "50KB", "--verify", "yes"]) == 0
+    a, b = _tensors(hf), _tensors(tmp_path / "back")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in b.values())
+    from safetensors import safe_open
+    first = next((tmp_path / "back").glob("*.safetensors"))
+    with safe_open(str(first), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    assert json.loads((tmp_path / "back" / "generation_config.json").read_text())["eos_token_id"] == 2
+
+
+def test_tied_export_has_no_lm_head_and_loads(tmp_path):
+    import transformers
+    hf = _hf_dir(tmp_path, "tied")
+    assert _run(["hf-to-native", str(hf), str(tmp_path / "n"), "--tp", "2", "--verify", "no"]) == 0
+    assert _run(["native-to-hf", str(tmp_path / "n"), str(tmp_path / "out"), "--dtype", "fp32", "--verify", "no"]) == 0
+    assert "lm_head.weight" not in _tensors(tmp_path / "out")
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_inspect_reads_metadata(tmp_path, capsys):
+    hf = _hf_dir(tmp_path)
+    assert _run(["hf-to-native", str(hf), str(tmp_path / "n"), "--tp", "2", "--pp", "2", "--verify", "no"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "n"), "--tensors"]) == 0
+    out = capsys.readouterr().out
+    assert "TP2·PP2" in out and "weights only" in out and "vocab     501 (padded to 502 for TP2)" in out
+    assert "layers.3.attention.qkv.weight" in out and "rows" in out and "4.attention.qkv.weight" in out
+    assert main(["inspect", str(hf)]) == 0
+    assert "LlamaForCausalLM" in capsys.readouterr().out
+
+
+# --- Meta ------------------------------------------------------------------------------------------
+META = dict(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=300, multiple_of=32, norm_eps=1e-5,
+            rope_theta=10000.0)  # 3 query heads per KV head: neither 1 nor n_kv_heads
+
+
+def _meta_weights(p: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    d, hd = p["dim"], p["dim"] // p["n_heads"]
+    f = p["multiple_of"] * math.ceil(int(2 * 4 * d / 3) / p["multiple_of"])
+
+    def mat(o, i, scale=1.0):
+        return torch.randn(o, i, generator=g) * scale / i ** 0.5
+
+    w = {"tok_embeddings.weight": torch.randn(p["vocab_size"], d, generator=g),
+         "norm.weight": 1 + 0.2 * torch.randn(d, generator=g), "output.weight": mat(p["vocab_size"], d)}
+    for i in range(p["n_layers"]):
+        # large q/k: sharp attention, so rotary mistakes change the logits by O(1), not 1e-5
+        w |= {f"layers.{i}.attention.wq.weight": mat(p["n_heads"] * hd, d, 4.0),
+              f"layers.{i}.attention.wk.weight": mat(p["n_kv_heads"] * hd, d, 4.0),
+              f"layers.{i}.attention.wv.weight": mat(p["n_kv_heads"] * hd, d),
+              f"layers.{i}.attention.wo.weight": mat(d, p["n_heads"] * hd),
+              f"layers.{i}.feed_forward.w1.weight": mat(f, d), f"layers.{i}.feed_forward.w3.weight": mat(f, d),
+              f"layers.{i}.feed_forward.w2.weight": mat(d, f),
+              f"layers.{i}.attention_norm.weight": 1 + 0.2 * torch.randn(d, generator=g),
+              f"layers.{i}.ffn_norm.weight": 1 + 0.2 * torch.randn(d, generator=g)}
+    return w
+
+
+def _meta_reference(w: dict, p: dict, tokens: torch.Tensor) -> torch.Tensor:
+    """Meta's LLaMA forward, written from the paper's description: complex (interleaved-pair) RoPE, GQA."""
+    d, H, G = p["dim"], p["n_heads"], p["n_kv_heads"]
+    hd = d // H
+    b, s = tokens.shape
+
+    def rms(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + p["norm_eps"]) * weight
+
+    freqs = 1.0 / p["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd)
+    cis = torch.polar(torch.ones(s, hd // 2), torch.outer(torch.arange(s).float(), freqs))
+
+    def rope(x):  # [b, s, heads, hd]: pairs (x0, x1), (x2, x3), ... are complex numbers
+        xc = torch.view_as_complex(x.reshape(*x.shape[:-1], hd // 2, 2))
+        return torch.view_as_real(xc * cis[None, :, None, :]).flatten(3)
+
+    h = w["tok_embeddings.weight"][tokens]
+    mask = torch.full((s, s), float("-inf")).triu(1)
+    for i in range(p["n_layers"]):
+        L = lambda n: w[f"layers.{i}.{n}.weight"]  # noqa: E731
+        x = rms(h, L("attention_norm"))
+        q = rope((x @ L("attention.wq").T).view(b, s, H, hd))
+        k = rope((x @ L("attention.wk").T).view(b, s, G, hd)).repeat_interleave(H // G, dim=2)
+        v = (x @ L("attention.wv").T).view(b, s, G, hd).repeat_interleave(H // G, dim=2)
+        att = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(2, 3)) / hd ** 0.5 + mask
+        o = (att.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2).reshape(b, s, d)
+        h = h + o @ L("attention.wo").T
+        x = rms(h, L("ffn_norm"))
+        h = h + (torch.nn.functional.silu(x @ L("feed_forward.w1").T) * (x @ L("feed_forward.w3").T)) @ L("feed_forward.w2").T
+    return rms(h, w["norm.weight"]) @ w["output.weight"].T
+
+
+def _write_meta(w: dict, p: dict, out: Path, shards: int = 2) -> None:
+    out.mkdir()
+    (out / "params.json").write_text(json.dumps(p))
+    for r in range(shards):
+        part = {"rope.freqs": torch.zeros(8)}
+        for k, t in w.items():
+            short = k.rsplit(".", 2)[-2]
+            if k == "tok_embeddings.weight":
+                dim = 1
+            elif short in ("wq", "wk", "wv", "w1", "w3", "output"):
+                dim = 0
+            elif short in ("wo", "w2"):
+                dim = 1
+            else:
+                part[k] = t.clone()
+                continue
+            part[k] = t.chunk(shards, dim=dim)[r].clone()
+        torch.save(part, out / f"consolidated.{r:02d}.pth")
+
+
+def test_meta_to_native_matches_interleaved_reference(tmp_path, monkeypatch):
+    from checkpoints_tools import meta
+    from checkpoints_tools.verify import native_logits
+    w = _meta_weights(META)
+    _write_meta(w, META, tmp_path / "meta")
+    tokens = torch.randint(0, META["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(1))
+    ref = _meta_reference(w, META, tokens)
+    assert _run(["meta-to-native", str(tmp_path / "meta"), str(tmp_path / "n"), "--tp", "2", "--verify", "no"]) == 0
+    ours = native_logits(str(tmp_path / "n"), tokens)
+    err = ((ours - ref).norm() / ref.norm()).item()
+    print(f"meta: rel err {err:.2e}")
+    assert err < 1e-5
+    # the same conversion without the rotary permutation must be caught by this test
+    monkeypatch.setattr(meta, "interleaved_to_halves", lambda t, heads: t)
+    assert _run(["meta-to-native", str(tmp_path / "meta"), str(tmp_path / "bad"), "--verify", "no"]) == 0
+    wrong = native_logits(str(tmp_path / "bad"), tokens)
+    assert ((wrong - ref).norm() / ref.norm()).item() > 1e-2
+
+
+# --- bad input -------------------------------------------------------------------------------------
+def _fails(capsys, argv, words: str, out: Path) -> None:
+    capsys.readouterr()
+    assert _run(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+    if out is not None:
+        assert not out.exists() or (out / "keep").exists(), "partial output left behind"
+        assert not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_bad_input(tmp_path, capsys):
+    hf = _hf_dir(tmp_path, shard="20KB")
+    out = tmp_path / "out"
+    # not a LLaMA checkpoint
+    gpt = tmp_path / "gpt2"
+    gpt.mkdir()
+    (gpt / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "n_embd": 64}))
+    _fails(capsys, ["hf-to-native", str(gpt), str(out)], "not a LLaMA-family checkpoint", out)
+    _fails(capsys, ["native-to-hf", str(tmp_path / "nothing"), str(out)], "does not exist", out)
+    # TP not dividing the KV heads (tiny-gqa: 4)
+    _fails(capsys, ["hf-to-native", str(hf), str(out), "--tp", "3"], "--tp=3 does not divide", out)
+    # shapes that disagree with the config
+    bad_cfg = tmp_path / "badcfg"
+    shutil.copytree(hf, bad_cfg)
+    c = json.loads((bad_cfg / "config.json").read_text())
+    (bad_cfg / "config.json").write_text(json.dumps(c | {"intermediate_size": c["intermediate_size"] + 16}))
+    _fails(capsys, ["hf-to-native", str(bad_cfg), str(out)], "config.json", out)
+    # a missing shard
+    gone = tmp_path / "gone"
+    shutil.copytree(hf, gone)
+    sorted(gone.glob("model-*.safetensors"))[1].unlink()
+    _fails(capsys, ["hf-to-native", str(gone), str(out)], "missing", out)
+    # a damaged file (the last shard: the failure comes mid-write, after output was started)
+    broken = tmp_path / "broken"
+    shutil.copytree(hf, broken)
+    last = sorted(broken.glob("model-*.safetensors"))[-1]
+    last.write_bytes(last.read_bytes()[:200])
+    _fails(capsys, ["hf-to-native", str(broken), str(out), "--tp", "2", "--pp", "2"], "damaged", out)
+    # an existing output directory, unless --force
+    out.mkdir()
+    (out / "keep").write_text("mine")
+    _fails(capsys, ["hf-to-native", str(hf), str(out)], "already exists", out)
+    assert (out / "keep").read_text() == "mine"
+    assert _run(["hf-to-native", str(hf), str(out), "--tp", "2", "--pp", "2", "--force", "--verify", "no"]) == 0
+    assert not (out / "keep").exists() and (out / "run.json").is_file()
+    # native side: a missing and a damaged shard
+    native = tmp_path / "native"
+    shutil.copytree(out, native)
+    (native / "layer_03-model_01-model_states.pt").unlink()
+    _fails(capsys, ["native-to-hf", str(native), str(tmp_path / "hf_out")], "layer_03-model_01", tmp_path / "hf_out")
+    shutil.rmtree(native)
+    shutil.copytree(out, native)
+    f = native / "layer_05-model_00-model_states.pt"
+    f.write_bytes(f.read_bytes()[:100])
+    _fails(capsys, ["native-to-hf", str(native), str(tmp_path / "hf_out")], "damaged", tmp_path / "hf_out")
+
+
+def test_vocabulary_smaller_than_tokenizer(tmp_path, capsys):
+    from megatron_llama.data.tokenizer import train_tokenizer
+    tok = train_tokenizer([str(Path(__file__).parent.parent / "data" / "corpus.jsonl")], str(tmp_path / "tok"), 600,
+                          max_sentences=20000)
+    hf = _hf_dir(tmp_path)  # vocabulary 501 < 600 pieces
+    _fails(capsys, ["hf-to-native", str(hf), str(tmp_path / "out"), "--tokenizer", tok],
+           "has 600 ids but the model's vocabulary has only 501", tmp_path / "out")
