@@ -74,6 +74,8 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[torch.device, str]:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     import deepspeed
+    if device.type == "cpu":
+        _skip_shared_memory_allreduce()
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
@@ -81,6 +83,19 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[torch.device, str]:
     with contextlib.redirect_stdout(io.StringIO()):
         deepspeed.init_distributed(dist_backend=dist.get_backend())
     return device, dist.get_backend()
+
+
+def _skip_shared_memory_allreduce() -> None:
+    """Keep DeepSpeed from building its CPU shared-memory all-reduce op.
+
+    Its ``TorchBackend`` JIT-compiles ``deepspeed_shm_comm`` (~20 s on a fresh machine) and every
+    rank creates a 32 MiB+ POSIX shared-memory buffer (``/dev/shm/deepspeed_allreduce_buffer_*``)
+    that nothing ever unlinks: each CPU run leaked world_size x 67 MB of RAM until reboot (CI and
+    laptops ran out of memory). The op only serves DeepSpeed's *inference* all-reduce, which
+    falls back to the process group's all_reduce when the op is absent; training never uses it.
+    """
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _group_ranks(group) -> tuple[int, ...]:
