@@ -8,6 +8,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 
 from megatron_llama.config import ModelConfig
 
+from .document_mask import block_causal_mask
 from .layout import mark
 from .rotary import apply_rotary, rope_tables
 
@@ -35,7 +36,9 @@ class SelfAttention(torch.nn.Module):
             mark(self.qkv.bias, "rows", (qkv_rows,))
         mark(self.proj.weight, "cols", (cfg.hidden_size, cfg.num_attention_heads * self.head_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """``segments`` [b, s] (packed SFT samples): attention stays inside each sample
+        (``document_mask.py``); None: plain causal attention."""
         s, b, _ = x.shape
         qkv, _ = self.qkv(x)                                     # [s, b, g*(q+2)*h]
         qkv = qkv.view(s, b, self.local_groups, self.q_per_group + 2, self.head_dim)
@@ -49,7 +52,8 @@ class SelfAttention(torch.nn.Module):
         # which is all the flash / cuDNN kernels need. GQA without repeating K/V.
         out = F.scaled_dot_product_attention(
             q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
-            is_causal=True, enable_gqa=self.q_per_group > 1)
+            attn_mask=None if segments is None else block_causal_mask(segments),
+            is_causal=segments is None, enable_gqa=self.q_per_group > 1)
         out = out.permute(2, 0, 1, 3).reshape(s, b, -1)         # [s, b, nh_local*h]
         y, _ = self.proj(out)
         return y
