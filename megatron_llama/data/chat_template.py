@@ -136,6 +136,13 @@ class ChatTemplate:
             f"{{% else %}}{{{{ {lit(ans_pre)} + content + {lit(ans_post)} + eos_token }}}}{{% endif %}}"
             "{% endfor %}")
 
+    def hf_tokenizer_config(self) -> dict:
+        """Entries for an exported ``tokenizer_config.json``. ``legacy: true``: after ``<s>`` the
+        text gets SentencePiece's dummy-prefix space, as in Meta's reference (each turn encoded
+        by one ``sp.encode``) and in our training ids; ``legacy: false`` would tokenize
+        ``<s>[INST]`` as ``[`` instead of ``▁[`` and prompt the model off its training format."""
+        return {"chat_template": self.jinja(), "legacy": True}
+
 
 LLAMA2 = ChatTemplate(
     name="llama2",
