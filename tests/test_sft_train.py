@@ -122,7 +122,9 @@ def test_sft_loss_is_the_global_token_mean_under_every_layout(dist_pool, sft_dat
     # sensitivity: a mean of per-micro-batch means (one row each at mbs 1) would miss RTOL by 5x
     assert abs(ref["mean_of_row_means"] / ref["token_mean"] - 1) > 5 * RTOL
     assert ref["losses"][0] - ref["losses"][-1] > 0.1, "the reference run should learn"
-    for tp, pp, dp, mbs, gas in [(1, 1, 1, 1, 4), (1, 2, 2, 1, 2), (2, 2, 2, 1, 2)]:
+    # micro-batching alone, then all three axes at once (TP2·PP2·DP2, gas 2); PP2·DP2 alone was
+    # measured equal too (rel 8.5e-8) but costs 15 s more of CI
+    for tp, pp, dp, mbs, gas in [(1, 1, 1, 1, 4), (2, 2, 2, 1, 2)]:
         results = dist_pool(tp * pp * dp).run(_train, _overrides(sft_data, tp, pp, dp, mbs, gas), False)
         for r in results[1:]:
             assert r["losses"] == pytest.approx(results[0]["losses"], rel=1e-6)
