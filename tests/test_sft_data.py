@@ -195,3 +195,20 @@ def test_trainer_refuses_mismatched_sft_data(tmp_path, tok):
         build_sft_dataset(cfg.data, 0, cfg.model.vocab_size)
     with pytest.raises(ConfigError, match="sft_overlong"):
         load_config(None, base + ["data.sft_overlong=cut"])
+    # a pretraining corpus given as SFT data: one line naming the problem, nothing left behind
+    cfg = load_config(None, ["model.preset=tiny", "data.sft=true", "data.seq_len=64",
+                             f"data.corpus={ROOT / 'data' / 'corpus.jsonl'}", f"data.tokenizer={tok.path}",
+                             f"data.cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(ConfigError, match="no usable records.*unknown record shape"):
+        build_sft_dataset(cfg.data, 0, cfg.model.vocab_size)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
+def test_llama2_sft_recipe_config():
+    from launch.train import validate_layout
+    from megatron_llama.config import load_config
+    cfg = load_config(ROOT / "configs" / "llama2-7b-sft.yaml")
+    t = cfg.train
+    assert (cfg.model.name, cfg.data.seq_len, cfg.data.sft, cfg.data.chat_template) == ("llama2-7b", 4096, True, "llama2")
+    assert (t.lr, t.weight_decay, t.min_lr_ratio, t.precision) == (2e-5, 0.1, 0.0, "bf16")
+    assert validate_layout(cfg, 8) == 4 and t.micro_batch_size * t.grad_accum_steps * 4 == 64
