@@ -51,17 +51,23 @@ def _train_chat_tokenizer(corpus: str, prefix: Path, vocab: int, template) -> st
         text.unlink(missing_ok=True)
 
 
+def trained_tokenizer_prefix(data: DataConfig, model_vocab_size: int) -> Path:
+    """Where a run with an SFT ``data.corpus`` and no ``data.tokenizer`` keeps the tokenizer it
+    trained (``<prefix>.model``); exporters find it here too."""
+    vocab = data.vocab_size or model_vocab_size
+    return Path(data.cache_dir) / f"tokenizer-sft-{_hash(data.corpus)}-{data.chat_template}-v{vocab}"
+
+
 def _prepare_corpus(data: DataConfig, model_vocab_size: int) -> tuple[str, str]:
     corpus, cache = data.corpus, Path(data.cache_dir)
     key = _hash(corpus)
     template = chat_template(data.chat_template)
     tokenizer = data.tokenizer
     if tokenizer is None:
-        vocab = data.vocab_size or model_vocab_size
-        prefix = cache / f"tokenizer-sft-{key}-{template.name}-v{vocab}"
+        prefix = trained_tokenizer_prefix(data, model_vocab_size)
         tokenizer = f"{prefix}.model"
         if not Path(tokenizer).is_file():
-            _train_chat_tokenizer(corpus, prefix, vocab, template)
+            _train_chat_tokenizer(corpus, prefix, data.vocab_size or model_vocab_size, template)
     from .tokenizer import Tokenizer
     tok = Tokenizer.load(tokenizer)
     out = cache / f"sft-{key}-{template.name}-tok{tok.checksum[:12]}"
