@@ -22,14 +22,14 @@ def _gather_tp(t):
     return torch.cat(parts, dim=-1)
 
 
-def _packed_vs_alone(rank, world, tp):
+def _packed_vs_alone(rank, world, tp, name):
     """Logits of samples packed in one row (with segments) vs each sample run alone."""
     from megatron.core import parallel_state
 
     from megatron_llama.config import ParallelConfig, preset
     from megatron_llama.model import LlamaModel
     parallel_state.initialize_model_parallel(tp, 1)
-    cfg = preset("tiny")
+    cfg = preset(name)
     model = LlamaModel(cfg, ParallelConfig(tp=tp), seed=3)
     gen = torch.Generator().manual_seed(0)
     lengths = [5, 9, 7]
@@ -55,10 +55,10 @@ def _packed_vs_alone(rank, world, tp):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("tp", [1, 2])
-def test_attention_stays_inside_each_packed_sample(dist_pool, tp):
-    res = dist_pool(tp).run(_packed_vs_alone, tp)[0]
-    print(f"\nTP{tp} packed vs alone, rel err per sample: {json.dumps(res)}")
+@pytest.mark.parametrize("tp,name", [(1, "tiny"), (2, "tiny-gqa")])
+def test_attention_stays_inside_each_packed_sample(dist_pool, tp, name):
+    res = dist_pool(tp).run(_packed_vs_alone, tp, name)[0]
+    print(f"\n{name} TP{tp} packed vs alone, rel err per sample: {json.dumps(res)}")
     for k, r in res.items():
         assert r["packed"] < 1e-5, f"sample {k}: packed logits differ from the sample alone"
         if k > 0:

@@ -54,7 +54,6 @@ class PackedSFTDataset:
         self.src, self.idx, self.lengths = src[order], idx[order], lengths[order]
         self.row_start = self._pack(self.lengths, seq_len)
         self.num_samples = len(order)
-        self.answer_tokens = None  # counted lazily by describe(); not needed for training
         self._source = source
 
     @staticmethod
