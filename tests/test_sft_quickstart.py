@@ -1,6 +1,8 @@
 """End to end: `mllama-train configs/sft-tiny-cpu.yaml` (the shipped SFT quickstart, raw JSONL in,
 tokenizer and SFT data built on first use) teaches the tiny model to answer the embedded
-instruction set; greedy decoding of the saved checkpoint answers training prompts word for word."""
+instruction set; greedy decoding of the saved checkpoint answers training prompts word for word;
+`mllama-convert native-to-hf` exports it with the chat template in tokenizer_config.json, and
+`transformers`' own apply_chat_template + generate answer the same way."""
 import json
 import os
 import subprocess
@@ -63,3 +65,24 @@ def test_quickstart_model_learns_to_answer(tmp_path, dist_pool):
     assert answers[[r["prompt"] for r in probes].index(PROBE["prompt"])] == PROBE["response"]
     # measured: 9 of 12 at 200 steps (facts all right; copying a random phrase comes later)
     assert sum(right) >= 2 / 3 * len(probes), list(zip([r["prompt"] for r in probes], answers))
+
+    # out to Hugging Face: the exported tokenizer carries the chat template
+    hf_dir = tmp_path / "hf"
+    p = subprocess.run([sys.executable, "-m", "checkpoints_tools.convert", "native-to-hf", summary["checkpoint"],
+                        str(hf_dir), "--dtype", "fp32", "--no-progress"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    hf_tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    assert "[INST]" in json.loads((hf_dir / "tokenizer_config.json").read_text())["chat_template"]
+    hf_answers = []
+    for r in probes:
+        ids = hf_tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)["input_ids"]
+        out = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=hf_tok.eos_token_id,
+                             pad_token_id=hf_tok.eos_token_id)
+        hf_answers.append(hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    print("  transformers generate:", hf_answers)
+    assert hf_answers[[r["prompt"] for r in probes].index(PROBE["prompt"])] == PROBE["response"]
+    assert hf_answers == answers  # the exported model and tokenizer behave as the trained one
