@@ -211,4 +211,5 @@ def test_llama2_sft_recipe_config():
     t = cfg.train
     assert (cfg.model.name, cfg.data.seq_len, cfg.data.sft, cfg.data.chat_template) == ("llama2-7b", 4096, True, "llama2")
     assert (t.lr, t.weight_decay, t.min_lr_ratio, t.precision) == (2e-5, 0.1, 0.0, "bf16")
+    assert t.init_from.startswith("hf:")
     assert validate_layout(cfg, 8) == 4 and t.micro_batch_size * t.grad_accum_steps * 4 == 64

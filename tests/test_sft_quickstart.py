@@ -86,3 +86,18 @@ def test_quickstart_model_learns_to_answer(tmp_path, dist_pool):
     print("  transformers generate:", hf_answers)
     assert hf_answers[[r["prompt"] for r in probes].index(PROBE["prompt"])] == PROBE["response"]
     assert hf_answers == answers  # the exported model and tokenizer behave as the trained one
+
+    # and back in: a new SFT run at TP2 starts from the exported weights (train.init_from=hf:DIR)
+    overrides = ["model.preset=tiny", "data.sft=true", "data.seq_len=128", f"data.corpus={ROOT / 'data' / 'instructions.jsonl'}",
+                 f"data.tokenizer={hf_dir / 'tokenizer.model'}", f"data.cache_dir={tmp_path / 'data'}",
+                 "train.micro_batch_size=4", "train.grad_accum_steps=2", "train.steps=2", "train.lr=1e-5",
+                 "train.precision=fp32", "parallel.tp=2", f"train.init_from=hf:{hf_dir}"]
+    first = dist_pool(2).run(_first_losses, overrides)[0]
+    print(f"  TP2 run initialised from the export: losses {first} (from scratch: {summary['first_loss']:.3f})")
+    assert max(first) < 0.5
+
+
+def _first_losses(rank, world, overrides):
+    from launch.train import train
+    from megatron_llama.config import load_config
+    return train(load_config(None, overrides), log=False, save=False).losses
