@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 from ..config.errors import ConfigError
 from ..config.run import DataConfig
-from .chat_template import chat_template
+from .chat_template import TemplateError, chat_template
 from .indexed import inspect_indexed, strip_suffix
 from .sft_dataset import PackedSFTDataset
 from .sft_preprocess import mask_prefix, preprocess_sft, read_manifest
@@ -43,9 +43,10 @@ def _train_chat_tokenizer(corpus: str, prefix: Path, vocab: int, template) -> st
             for line in iter_lines(corpus):
                 messages, _ = parse_record(line)
                 try:
-                    f.write(template_text(messages, template) + "\n") if messages else None
-                except (KeyError, TypeError, AttributeError, IndexError):
+                    template.check(messages or [])
+                except TemplateError:
                     continue  # a bad record: preprocessing reports it
+                f.write(template_text(messages, template) + "\n")
         return train_tokenizer([str(text)], str(prefix), vocab)
     finally:
         text.unlink(missing_ok=True)
