@@ -18,15 +18,12 @@ together with  data.tokenizer: runs/tok.model.
 Bad lines (invalid JSON, missing/non-string/empty text) are skipped and listed with their line
 numbers; --strict stops at the first. Files appear only when complete (written under a
 temporary name, renamed at the end).
-
-Supervised fine-tuning data (prompt/response or chat records, answer-only loss mask):
-  mllama-preprocess --sft --input data/instructions.jsonl --tokenizer runs/tok.model --output runs/sft
-(see the --sft options below)
 """
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="mllama-preprocess", description=__doc__, epilog=EPILOG,
+    from .sft_cli import EPILOG as SFT_EPILOG, add_sft_arguments, run_sft
+    ap = argparse.ArgumentParser(prog="mllama-preprocess", description=__doc__, epilog=EPILOG + "\n" + SFT_EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, metavar="FILE",
                     help="JSONL files, plain, .gz or .zst, one document per line")
@@ -37,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping")
     ap.add_argument("--chunk-mb", type=float, default=1.0, help="input handed to a worker at a time")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    from .sft_cli import add_sft_arguments, run_sft
     add_sft_arguments(ap)
     args = ap.parse_args(argv)
     if args.sft:

@@ -7,7 +7,7 @@ import sys
 from ..config.errors import ConfigError
 
 EPILOG = """\
-examples:
+supervised fine-tuning (--sft) examples:
   mllama-preprocess --sft --input data/instructions.jsonl --tokenizer runs/tok.model --output runs/sft
   mllama-preprocess --sft --input chats.jsonl --tokenizer tokenizer.model --output /data/chat \\
                     --messages-key conversation --role-key from --content-key value --seq-len 4096
@@ -33,12 +33,12 @@ def add_sft_arguments(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("supervised fine-tuning (--sft)")
     g.add_argument("--sft", action="store_true", help="records are prompt/response or chat messages")
     g.add_argument("--chat-template", default="llama2", help="conversation format (default: llama2)")
-    g.add_argument("--prompt-key", default="prompt")
-    g.add_argument("--response-key", default="response")
-    g.add_argument("--system-key", default="system")
-    g.add_argument("--messages-key", default="messages")
-    g.add_argument("--role-key", default="role")
-    g.add_argument("--content-key", default="content")
+    g.add_argument("--prompt-key", default="prompt", help="field of a one-turn record's question (default: prompt)")
+    g.add_argument("--response-key", default="response", help="its answer (default: response)")
+    g.add_argument("--system-key", default="system", help="its optional system prompt (default: system)")
+    g.add_argument("--messages-key", default="messages", help="field of a chat record's message list (default: messages)")
+    g.add_argument("--role-key", default="role", help="a message's role field (default: role)")
+    g.add_argument("--content-key", default="content", help="a message's text field (default: content)")
     g.add_argument("--seq-len", type=int, default=None,
                    help="fit samples to this many tokens now (default: the trainer does, with data.seq_len)")
     g.add_argument("--overlong", default="truncate", help="truncate (default) or drop samples longer than --seq-len")
