@@ -113,6 +113,10 @@ def run_tokenizer(config: RunConfig) -> Optional[str]:
     data = config.data
     if data.tokenizer:
         return data.tokenizer
+    if data.sft and data.corpus and Path(data.corpus).is_file():
+        from megatron_llama.data.sft_build import trained_tokenizer_prefix
+        path = Path(f"{trained_tokenizer_prefix(data, config.model.vocab_size)}.model")
+        return str(path) if path.is_file() else None
     if data.corpus and Path(data.corpus).is_file():
         from megatron_llama.data.build import _file_hash
         vocab = data.vocab_size or config.model.vocab_size
@@ -120,6 +124,14 @@ def run_tokenizer(config: RunConfig) -> Optional[str]:
         if path.is_file():
             return str(path)
     return None
+
+
+def chat_entries(config: RunConfig) -> Optional[dict]:
+    """A fine-tuned chat model's tokenizer_config.json entries: the chat template it was trained with."""
+    if not config.data.sft:
+        return None
+    from megatron_llama.data.chat_template import chat_template
+    return chat_template(config.data.chat_template).hf_tokenizer_config()
 
 
 def _parse_size(text: str) -> int:
@@ -153,7 +165,7 @@ def native_to_hf(args) -> int:
     with atomic_output(args.out, args.force) as tmp:
         write_hf(tmp, cfg, layers, dtype, shard_bytes, on_layer=lambda name, t: bar.update(t, dtype))
         stats = bar.close()
-        described = write_tokenizer(tmp, tok, cfg.max_seq_len)
+        described = write_tokenizer(tmp, tok, cfg.max_seq_len, chat_entries(ck.config))
     _say(f"wrote {args.out} from {ck.path} (step {ck.step}, TP{ck.tp}·PP{ck.pp}·DP{ck.dp}, {args.weights} "
          f"weights as {args.dtype}): {stats['tensors']} tensors, {stats['bytes'] / 1e9:.2f} GB in "
          f"{stats['seconds']:.1f} s ({stats['gb_per_s']:.2f} GB/s)")

@@ -99,8 +99,10 @@ def write_hf_config(out: Path, cfg: ModelConfig, dtype: torch.dtype, bos_id: int
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
-def write_tokenizer(out: Path, tokenizer_model: Optional[str], max_len: int) -> Optional[str]:
-    """Copy a SentencePiece model and write the HF tokenizer files; returns a description or None."""
+def write_tokenizer(out: Path, tokenizer_model: Optional[str], max_len: int,
+                    extra: Optional[dict] = None) -> Optional[str]:
+    """Copy a SentencePiece model and write the HF tokenizer files; returns a description or None.
+    ``extra``: further tokenizer_config.json entries (an SFT run's ``chat_template``)."""
     if tokenizer_model is None:
         return None
     from megatron_llama.data.tokenizer import Tokenizer
@@ -112,7 +114,7 @@ def write_tokenizer(out: Path, tokenizer_model: Optional[str], max_len: int) -> 
     special = {k: v for k, v in special.items() if v is not None}
     conf = {"tokenizer_class": "LlamaTokenizer", **special, "pad_token": None, "add_bos_token": True,
             "add_eos_token": False, "model_max_length": max_len, "clean_up_tokenization_spaces": False,
-            "legacy": False, "sp_model_kwargs": {}}
+            "legacy": False, "sp_model_kwargs": {}, **(extra or {})}
     (out / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     # generation_config / config.json carry the tokenizer's real BOS/EOS ids

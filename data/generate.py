@@ -1,9 +1,11 @@
-"""Regenerate data/corpus.jsonl (deterministic): ``python data/generate.py``.
+"""Regenerate the embedded data (deterministic): ``python data/generate.py``.
 
-The generator lives in megatron_llama/data/corpus_gen.py so an installed package can rebuild
-the corpus too; tests check that it reproduces the committed file byte for byte.
+Writes data/corpus.jsonl (pretraining) and data/instructions.jsonl (supervised fine-tuning).
+The generators live in megatron_llama/data/corpus_gen.py and instructions_gen.py so an installed
+package can rebuild them too; tests check that they reproduce the committed files byte for byte.
 """
-from megatron_llama.data.corpus_gen import main
+from megatron_llama.data import corpus_gen, instructions_gen
 
 if __name__ == "__main__":
-    main()
+    corpus_gen.main([])
+    instructions_gen.main([])

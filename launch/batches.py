@@ -15,7 +15,15 @@ from megatron_llama.data import MicroBatchIterator, build_train_dataset
 
 def open_batches(cfg: RunConfig, consumed_samples: int, dp_rank: int, dp_size: int,
                  rank_zero_first: Callable) -> tuple[Iterator, str]:
-    """``(iterator of this DP rank's micro-batches (tokens, labels) [b, s], source description)``."""
+    """``(iterator of this DP rank's micro-batches (tokens, labels) [b, s], source description)``;
+    with ``data.sft``: micro-batches ``(tokens, labels, answer_mask, segments)``."""
+    if cfg.data.sft:
+        from megatron_llama.data.sft_build import build_sft_dataset
+        from megatron_llama.data.sft_dataset import SFTBatchIterator
+        ds = build_sft_dataset(cfg.data, cfg.train.seed, cfg.model.vocab_size, rank_zero_first=rank_zero_first)
+        it = SFTBatchIterator(ds, cfg.train.seed, consumed_samples, dp_rank, dp_size, cfg.train.micro_batch_size)
+        epoch = ds.epoch_steps(cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp_size)
+        return iter(it), f"{ds.describe()}; one epoch = {epoch:,} steps"
     ds = build_train_dataset(cfg.data, cfg.train.seed, cfg.model.vocab_size, rank_zero_first=rank_zero_first)
     it = MicroBatchIterator(ds, cfg.train.seed, consumed_samples, dp_rank, dp_size, cfg.train.micro_batch_size)
     return iter(it), ds.describe()

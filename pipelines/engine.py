@@ -29,6 +29,7 @@ from megatron_llama.config import RunConfig
 from megatron_llama.model import LlamaModel, lm_loss
 
 from .compile_policy import use_compile
+from .token_weights import weigh_answer_tokens
 from .topology import ParallelLayout
 
 
@@ -130,17 +131,24 @@ class TrainEngine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def train_step(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
-        """One optimizer step over ``grad_accum_steps`` micro-batches ``(tokens, labels)`` [b, s]."""
+    def train_step(self, micro_batches: Iterable[tuple[torch.Tensor, ...]]) -> StepResult:
+        """One optimizer step over ``grad_accum_steps`` micro-batches ``(tokens, labels)`` [b, s],
+        or SFT's ``(tokens, labels, answer_mask, segments)``: loss = mean over the global batch's
+        answer tokens, attention inside each packed sample (token_weights.py, document_mask.py)."""
         lr = self.lr
+        micro_batches = [tuple(t.to(self.device) for t in mb) for mb in micro_batches]
+        if micro_batches and len(micro_batches[0]) == 4:
+            micro_batches, _ = weigh_answer_tokens(micro_batches, self.layout.dp,
+                                                   self.grid.get_data_parallel_group(), self.device)
         if self.pipelined:
-            it = ((tok.to(self.device), lab.to(self.device)) for tok, lab in micro_batches)
+            # first stage reads the inputs, last stage the loss targets (DeepSpeed's contract)
+            it = (((mb[0], mb[3]), (mb[1], mb[2])) if len(mb) == 4 else mb for mb in micro_batches)
             loss = self.engine.train_batch(data_iter=it).item()
         else:
             total = torch.zeros((), dtype=torch.float32, device=self.device)
-            for tokens, labels in micro_batches:
-                logits = self.engine(tokens.to(self.device))
-                loss_t = lm_loss(logits, labels.to(self.device))
+            for tokens, labels, *sft in micro_batches:
+                logits = self.engine(tokens, sft[1]) if sft else self.engine(tokens)
+                loss_t = lm_loss(logits, labels, sft[0] if sft else None)
                 self.engine.backward(loss_t)
                 self.engine.step()
                 total += loss_t.detach().float()

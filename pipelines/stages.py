@@ -9,6 +9,9 @@ Activation contract between stages: a 1-tuple ``(hidden,)`` with hidden of the f
 reads ``tokens`` [b, s] and the last stage ``labels`` [b, s] from the same data iterator
 (DeepSpeed's pipeline data contract: items are ``(inputs, labels)``); the loss is megatron-core's
 vocab-parallel cross entropy on the last stage, logits never gathered.
+SFT (packed samples): inputs are ``(tokens, segments)``, activations ``(hidden, segments)``
+(segments [b, s] int64, no gradient, so attention stays inside each sample on every stage),
+labels ``(labels, token weights)``.
 
 Activation checkpointing is done inside ``TransformerBlock`` (none / selective / full), never by
 DeepSpeed's ``activation_checkpoint_interval``, which would also checkpoint the embedding.
@@ -52,6 +55,8 @@ class EmbeddingPipe(Embedding):
         _init(self, "embedding", cfg)
 
     def forward(self, tokens):
+        if isinstance(tokens, (tuple, list)) and len(tokens) == 2:  # SFT: (tokens, segments)
+            return (super().forward(tokens[0]), tokens[1])
         return (super().forward(_hidden(tokens)),)
 
 
@@ -63,6 +68,8 @@ class TransformerBlockPipe(TransformerBlock):
         _init(self, f"layers.{index}", cfg)
 
     def forward(self, x):
+        if isinstance(x, (tuple, list)) and len(x) == 2:  # SFT: segments travel with the hidden state
+            return (super().forward(x[0], x[1]), x[1])
         return (super().forward(_hidden(x)),)
 
 
@@ -86,8 +93,11 @@ class LMHeadPipe(LMHead):
         return super().forward(_hidden(x))  # logits [s, b, V/tp]: the last stage's output
 
 
-def pipeline_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """loss_fn of the pipeline: mean token cross entropy, vocab-parallel."""
+def pipeline_loss(logits: torch.Tensor, labels) -> torch.Tensor:
+    """loss_fn of the pipeline: mean token cross entropy, vocab-parallel. SFT's labels are
+    ``(labels, token weights)`` (pipelines/token_weights.py)."""
+    if isinstance(labels, (tuple, list)):
+        return lm_loss(logits, labels[0], labels[1])
     return lm_loss(logits, labels)
 
 

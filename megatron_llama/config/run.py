@@ -137,6 +137,8 @@ class DataConfig:
     ``corpus`` is raw JSONL to tokenize and preprocess on first use (the quickstart).
     ``synthetic`` = True feeds deterministic random tokens (tests and benchmarks only).
     ``seq_len`` defaults to the model's ``max_seq_len`` (2048 for the LLaMA presets).
+    ``sft`` = True: the data are conversations (``mllama-preprocess --sft`` output in ``sources``, or
+    raw SFT JSONL in ``corpus``), packed per sample, loss on answer tokens only.
     """
 
     seq_len: Optional[int] = None
@@ -147,10 +149,15 @@ class DataConfig:
     vocab_size: int = 0
     synthetic: bool = False
     text_key: str = "text"
+    sft: bool = False                 # supervised fine-tuning data (megatron_llama/data/sft_*.py)
+    sft_overlong: str = "truncate"    # SFT samples longer than seq_len: truncate or drop
+    chat_template: str = "llama2"     # SFT conversation format (data/chat_template.py)
 
     def __post_init__(self) -> None:
         if self.seq_len is not None and self.seq_len < 2:
             raise ConfigError(f"data.seq_len must be >= 2, got {self.seq_len}")
+        if self.sft_overlong not in ("truncate", "drop"):
+            raise ConfigError(f"data.sft_overlong={self.sft_overlong!r}: choose truncate or drop")
 
 
 @dataclass

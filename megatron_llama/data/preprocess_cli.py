@@ -22,7 +22,8 @@ temporary name, renamed at the end).
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="mllama-preprocess", description=__doc__, epilog=EPILOG,
+    from .sft_cli import EPILOG as SFT_EPILOG, add_sft_arguments, run_sft
+    ap = argparse.ArgumentParser(prog="mllama-preprocess", description=__doc__, epilog=EPILOG + "\n" + SFT_EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, metavar="FILE",
                     help="JSONL files, plain, .gz or .zst, one document per line")
@@ -33,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strict", action="store_true", help="stop at the first bad line instead of skipping")
     ap.add_argument("--chunk-mb", type=float, default=1.0, help="input handed to a worker at a time")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_sft_arguments(ap)
     args = ap.parse_args(argv)
+    if args.sft:
+        return run_sft(args)
     from .preprocess import preprocess
     try:
         summary = preprocess(args.input, args.output, args.tokenizer, text_key=args.text_key,

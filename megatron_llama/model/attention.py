@@ -8,6 +8,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 
 from megatron_llama.config import ModelConfig
 
+from .document_mask import block_causal_mask
 from .layout import mark
 from .rotary import apply_rotary, rope_tables
 
@@ -35,7 +36,9 @@ class SelfAttention(torch.nn.Module):
             mark(self.qkv.bias, "rows", (qkv_rows,))
         mark(self.proj.weight, "cols", (cfg.hidden_size, cfg.num_attention_heads * self.head_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """``segments`` [b, s] (packed SFT samples): attention stays inside each sample
+        (``document_mask.py``); None: plain causal attention."""
         s, b, _ = x.shape
         qkv, _ = self.qkv(x)                                     # [s, b, g*(q+2)*h]
         qkv = qkv.view(s, b, self.local_groups, self.q_per_group + 2, self.head_dim)
@@ -47,9 +50,16 @@ class SelfAttention(torch.nn.Module):
         v = v.reshape(s, b, -1, self.head_dim)
         # SDPA wants [b, heads, s, h]; the permuted views keep the last dim contiguous,
         # which is all the flash / cuDNN kernels need. GQA without repeating K/V.
+        k, v, gqa = k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3), self.q_per_group > 1
+        if segments is not None and gqa:
+            # A masked SDPA cannot run flash, and the memory-efficient kernel that takes a mask
+            # does not take GQA (the math fallback would keep fp32 [b, heads, s, s] scores):
+            # repeat K/V instead, a copy far smaller than those scores.
+            k, v, gqa = k.repeat_interleave(self.q_per_group, 1), v.repeat_interleave(self.q_per_group, 1), False
         out = F.scaled_dot_product_attention(
-            q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
-            is_causal=True, enable_gqa=self.q_per_group > 1)
+            q.permute(1, 2, 0, 3), k, v,
+            attn_mask=None if segments is None else block_causal_mask(segments),
+            is_causal=segments is None, enable_gqa=gqa)
         out = out.permute(2, 0, 1, 3).reshape(s, b, -1)         # [s, b, nh_local*h]
         y, _ = self.proj(out)
         return y

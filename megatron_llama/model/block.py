@@ -33,18 +33,18 @@ def _selective_policy(ctx, op, *args, **kwargs):
 _selective_context = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
 
 
-def _block_forward(block: "TransformerBlock", x: torch.Tensor) -> torch.Tensor:
-    h = x + block.attention(block.input_norm(x))
+def _block_forward(block: "TransformerBlock", x: torch.Tensor, segments=None) -> torch.Tensor:
+    h = x + block.attention(block.input_norm(x), segments)
     return h + block.mlp(block.post_attention_norm(h))
 
 
-def _checkpointed_forward(block: "TransformerBlock", x: torch.Tensor) -> torch.Tensor:
+def _checkpointed_forward(block: "TransformerBlock", x: torch.Tensor, segments=None) -> torch.Tensor:
     """The block under its activation-checkpointing mode (training only)."""
     if block.checkpointing == "full":
-        return checkpoint(_block_forward, block, x, use_reentrant=False)
+        return checkpoint(_block_forward, block, x, segments, use_reentrant=False)
     if block.checkpointing == "selective":
-        return checkpoint(_block_forward, block, x, use_reentrant=False, context_fn=_selective_context)
-    return _block_forward(block, x)
+        return checkpoint(_block_forward, block, x, segments, use_reentrant=False, context_fn=_selective_context)
+    return _block_forward(block, x, segments)
 
 
 # Compiled graphs are shared by every block: with dynamo's inlining of nn.Modules the
@@ -61,15 +61,15 @@ _compiled_block = None
 _compiled_checkpointed = None
 
 
-def _compiled(block: "TransformerBlock", x: torch.Tensor) -> torch.Tensor:
+def _compiled(block: "TransformerBlock", x: torch.Tensor, segments=None) -> torch.Tensor:
     global _compiled_block, _compiled_checkpointed
     if block.checkpointing == "full" and torch.is_grad_enabled():
         if _compiled_block is None:
             _compiled_block = torch.compile(_block_forward)
-        return checkpoint(_compiled_block, block, x, use_reentrant=False)
+        return checkpoint(_compiled_block, block, x, segments, use_reentrant=False)
     if _compiled_checkpointed is None:
         _compiled_checkpointed = torch.compile(_checkpointed_forward)
-    return _compiled_checkpointed(block, x)
+    return _compiled_checkpointed(block, x, segments)
 
 
 class TransformerBlock(torch.nn.Module):
@@ -92,9 +92,10 @@ class TransformerBlock(torch.nn.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=dtype)
         self.mlp = SwiGLUMLP(cfg, mp, tp_group)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """``segments`` [b, s]: packed samples, attention kept inside each (document_mask.py)."""
         if self.compile:
-            return _compiled(self, x)
+            return _compiled(self, x, segments)
         if not torch.is_grad_enabled():
-            return _block_forward(self, x)
-        return _checkpointed_forward(self, x)
+            return _block_forward(self, x, segments)
+        return _checkpointed_forward(self, x, segments)

@@ -69,16 +69,33 @@ def _local_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return F.cross_entropy(logits.float().flatten(0, 1), labels.transpose(0, 1).flatten())
 
 
+def _weighted(losses: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """sum of per-token losses [s, b] (or [s*b]) times ``loss_mask`` [b, s] (SFT, see lm_loss)."""
+    return (losses.reshape(loss_mask.shape[1], -1) * loss_mask.transpose(0, 1).to(losses.dtype)).sum()
+
+
 # At TP = 1 the whole vocabulary is local: one compiled kernel pair computes the loss from
 # bf16 logits without materialising an fp32 copy of the [tokens x vocab] matrix (the
 # vocab-parallel path makes ~10 passes over it).
 _compiled_cross_entropy = None
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross entropy. logits: [s, b, V_local] (this TP rank's slice);
-    labels: [b, s] int64. Computed in fp32; every TP rank returns the same scalar."""
+    labels: [b, s] int64. Computed in fp32; every TP rank returns the same scalar.
+
+    ``loss_mask`` [b, s] float (SFT): returns ``sum(token loss * loss_mask)`` instead of the
+    mean; the caller folds the answer mask and the global normalisation into it
+    (pipelines/token_weights.py), so the gradient is that of the global answer-token mean."""
     global _compiled_cross_entropy
+    if loss_mask is not None:
+        if parallel_state.get_tensor_model_parallel_world_size() == 1:
+            losses = F.cross_entropy(logits.float().flatten(0, 1), labels.transpose(0, 1).flatten(),
+                                     reduction="none")
+        else:
+            losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(),
+                                                                  labels.transpose(0, 1).contiguous())
+        return _weighted(losses, loss_mask)
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
         if logits.is_cuda:
             if _compiled_cross_entropy is None:

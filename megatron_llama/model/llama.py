@@ -52,10 +52,12 @@ class LlamaModel(torch.nn.Module):
     def pipeline_layers(self) -> list[torch.nn.Module]:
         return [self.embedding, *self.layers, self.final_norm, self.head]
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """``segments`` [b, s]: sample number of each position of packed rows (SFT): attention
+        stays inside each sample. None: plain causal attention over the whole row."""
         h = self.embedding(tokens)
         for layer in self.layers:
-            h = layer(h)
+            h = layer(h, segments)
         return self.head(self.final_norm(h))
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
