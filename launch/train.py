@@ -46,6 +46,10 @@ class TrainSummary:
     checkpoint: Optional[str] = None
     resumed_from: Optional[int] = None
     stop_signal: Optional[int] = None  # SIGTERM/SIGUSR1 that stopped the run early (checkpoint saved)
+    valid_losses: list = field(default_factory=list)  # [step, validation loss]
+    skipped_steps: int = 0         # NaN/Inf or spike steps whose update was not applied
+    rollbacks: int = 0
+    diverged: Optional[str] = None  # why too many spikes / NaNs in a row stopped the run (exit status 4)
 
 
 def _env_rank() -> int:
@@ -134,6 +138,10 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
     from .metrics import StepLogger, fmt_count, fmt_duration
     from .signals import StepBoundary, StopSignals, exit_code_for, signal_name
     from .wandb_log import WandbLogger
+    from .monitor import RunMonitor
+    from .rollback import SkippedSamples, reposition, roll_back
+    from .spikes import StepGuard, describe
+    from .validation import Validator
 
     device, _backend = init_distributed()
     layout, topo = build_topology(cfg.parallel, cfg.train.seed, device)
@@ -145,6 +153,10 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
 
     start_step, consumed = checkpoint.resume(engine, layout, t.save_dir) if save else (0, 0)
     batches, source = open_batches(cfg, consumed, layout.dp_rank, layout.dp, rank_zero_first)
+    skips = SkippedSamples.load(t.save_dir, checkpoint.latest(t.save_dir)) if save else SkippedSamples(None)
+    validator = Validator(cfg, layout, engine, rank_zero_first)
+    guard = StepGuard(t)
+    engine.step_gate = guard.gate  # asked before every optimizer update (pipelines/engine.py)
 
     total_params = cfg.model.num_params(layout.tp)
     stages = ""
@@ -155,13 +167,17 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
     logger.banner(total_params, source, stages, start_step or None, engine.dtype)
     if init_line:
         logger.print(init_line)
+    logger.print(f"  {validator.describe()}; loss spikes: {t.spike_action} (z > {t.spike_zscore:g})")
 
     summary = TrainSummary(resumed_from=start_step or None)
     end = t.steps if max_steps is None else min(t.steps, start_step + max_steps)
     with contextlib.ExitStack() as scope:
         # rank 0 only; if wandb.init fails: one warning line, training goes on
         wandb_log = scope.enter_context(WandbLogger(cfg, layout, enabled=layout.rank == 0, persist_id=save))
-        logger.sink = wandb_log.sink
+        monitor = scope.enter_context(RunMonitor(cfg, layout, save, wandb_log.sink))
+        monitor.start(start_step, {"resumed": bool(start_step), "layout": layout.describe(), "total_steps": t.steps,
+                                   "tokens_per_step": tokens_per_step})
+        logger.sink = monitor.train
         boundary = None
         if save:  # SIGTERM/SIGUSR1 now mean "save and stop at the next step boundary"
             stop = scope.enter_context(StopSignals())
@@ -170,14 +186,43 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
         logger.restart_clock()
         step = start_step
         while step < end:
+            consumed = reposition(batches, skips, consumed)  # past samples skipped by a rollback
             micro = (next(batches) for _ in range(t.grad_accum_steps))
             result = engine.train_step(micro)
             step += 1
+            samples = (consumed, consumed + global_batch)
             consumed += global_batch
+            verdict = guard.after_step(result)
+            summary.skipped_steps, summary.rollbacks = guard.counts["skipped"], guard.counts["rollbacks"]
+            monitor.counters.update(tokens_seen=consumed * cfg.data.seq_len, skipped_steps=summary.skipped_steps,
+                                    rollbacks=summary.rollbacks)
             summary.losses.append(result.loss)
             summary.grad_norms.append(result.grad_norm)
             summary.lrs.append(result.lr)
             logger.step(step, result, time.perf_counter() - t0, step - start_step)
+            if verdict.kind != "ok":
+                line = describe(verdict, step, samples)
+                logger.print(line)
+                monitor.event(step, {"kind": verdict.kind, "action": verdict.action, "loss": verdict.loss,
+                                     "grad_norm": verdict.grad_norm, "samples": list(samples), "line": line})
+                if verdict.action == "rollback":
+                    back = roll_back(engine, layout, t.save_dir, skips, consumed) if save else None
+                    if back is None:
+                        logger.print(f"  no checkpoint in {t.save_dir} to roll back to: the step was skipped")
+                    else:
+                        step, consumed, first = back
+                        batches.consumed_samples = consumed
+                        logger.print(f"  rolled back to step {step}; samples [{first}, {consumed}) are skipped "
+                                     "for good (recorded in skipped_samples.json and later checkpoints)")
+                summary.diverged = guard.diverged(step)
+                if summary.diverged:
+                    logger.print(f"error: {summary.diverged}")
+                    break
+            if validator.due(step, last=step >= end):
+                v = validator.run()
+                monitor.valid(step, v)
+                summary.valid_losses.append([step, v["valid_loss"]])
+                logger.print(f"validation at step {step}: loss {v['valid_loss']:.4f} | ppl {v['valid_ppl']:.2f}")
             if on_step is not None:
                 on_step(step)
             if boundary is None or step >= end:  # the last step is saved below anyway
@@ -189,16 +234,20 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
             interval = bool(t.save_interval) and step % t.save_interval == 0
             if interval or decision.timed_save:
                 checkpoint.save(engine, cfg, layout, t.save_dir, step, consumed, result.loss,
-                                reason="interval" if interval else "timed")
+                                reason="interval" if interval else "timed", extra={"skipped_samples": skips.ranges})
                 boundary.saved()
         summary.wall_time_s = time.perf_counter() - t0
         summary.steps = step - start_step
         summary.final_step = step
         summary.tokens_per_s = summary.steps * tokens_per_step / max(summary.wall_time_s, 1e-9)
-        if save and summary.steps:
+        if save and summary.steps and not summary.diverged:  # a diverged state is not worth a checkpoint
             reason = signal_name(summary.stop_signal) if summary.stop_signal else "end"
             summary.checkpoint = str(checkpoint.save(engine, cfg, layout, t.save_dir, step, consumed,
-                                                     summary.losses[-1], reason=reason))
+                                                     summary.losses[-1], reason=reason,
+                                                     extra={"skipped_samples": skips.ranges}))
+        monitor.end(step, {"status": "diverged" if summary.diverged else (signal_name(summary.stop_signal)
+                                                                          if summary.stop_signal else "done"),
+                           "wall_time_s": round(summary.wall_time_s, 2)})
         dist.barrier()
     if summary.steps:
         first, last = summary.losses[0], summary.losses[-1]
@@ -206,6 +255,12 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
         lines = [f"done: {summary.steps} steps (to step {step} of {t.steps}), loss {first:.4f} -> {last:.4f}",
                  f"  training {fmt_duration(summary.wall_time_s)}, {fmt_count(summary.tokens_per_s)} tok/s; "
                  f"wall time including start-up {fmt_duration(total)}"]
+        if summary.valid_losses:
+            best = min(v for _, v in summary.valid_losses)
+            lines.append(f"  validation loss {summary.valid_losses[-1][1]:.4f} at step {summary.valid_losses[-1][0]}"
+                         f" (best {best:.4f})")
+        if summary.skipped_steps or summary.rollbacks:
+            lines.append(f"  {summary.skipped_steps} steps skipped, {summary.rollbacks} rollbacks (loss spikes / NaNs)")
         if summary.checkpoint:
             lines.append(f"  checkpoint {summary.checkpoint} (resumes automatically from {t.save_dir}/latest)")
         if summary.stop_signal:
@@ -250,7 +305,10 @@ def _write_summary(cfg: RunConfig, layout, summary: TrainSummary, total_s: float
             "losses": summary.losses, "grad_norms": summary.grad_norms, "lrs": summary.lrs,
             "train_time_s": round(summary.wall_time_s, 2), "wall_time_s": round(total_s, 2),
             "tokens_per_s": round(summary.tokens_per_s, 1), "checkpoint": summary.checkpoint,
-            "resumed_from": summary.resumed_from, "stop_signal": summary.stop_signal}
+            "resumed_from": summary.resumed_from, "stop_signal": summary.stop_signal,
+            "valid_losses": summary.valid_losses,
+            "best_valid_loss": min((v for _, v in summary.valid_losses), default=None),
+            "skipped_steps": summary.skipped_steps, "rollbacks": summary.rollbacks, "diverged": summary.diverged}
     (root / "summary.json").write_text(json.dumps(info, indent=2))
     (root / "summary.txt").write_text("\n".join(lines) + "\n")
 
@@ -301,6 +359,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     if summary is None:
         return 1
+    if summary.diverged:
+        from .spikes import DIVERGED
+        return DIVERGED
     if summary.stop_signal:  # saved and stopped early: 128 + signal, like a shell (launch/signals.py)
         from .signals import exit_code_for
         return exit_code_for(summary.stop_signal)

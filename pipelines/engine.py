@@ -13,6 +13,13 @@ Gradient clipping (``train.grad_clip``) is DeepSpeed's: the norm is summed over 
 over the TP x PP model-parallel group, counting TP-replicated parameters (norms) once (on TP
 rank 0; megatron-core marks split parameters ``tensor_model_parallel``). The same global norm is
 therefore obtained under every layout (tested).
+
+Skipped steps: ``step_gate(loss, grad_norm) -> skip`` (launch/spikes.py) is asked once per optimizer
+step, right before the client optimizer would change the weights: DeepSpeed has reduced and
+clipped the gradients by then, and the step's global loss is gathered with one all-reduce over
+the world (under PP only the last stage has it). A skipped step leaves weights and optimizer
+state untouched; DeepSpeed skips non-finite gradient norms by itself (its own overflow check).
+Either way the LR schedule still advances, so it stays a function of the step number.
 """
 from __future__ import annotations
 
@@ -80,6 +87,7 @@ class StepResult:
     loss: float          # mean token loss over the global batch (same on every rank)
     grad_norm: float     # global gradient norm before clipping
     lr: float            # learning rate used by this step's update
+    skipped: bool = False  # the update was not applied (non-finite gradients, or step_gate said so)
 
 
 class TrainEngine:
@@ -112,9 +120,13 @@ class TrainEngine:
                 init_weights(model)
             optimizer = build_optimizer(model, cfg, device)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
+            self._gate_client_step(optimizer)  # after LambdaLR, which wraps step() itself
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu, config=ds_conf)
         self.grid = self.engine.grid if self.pipelined else mpu
+        self.step_gate: Optional[Callable[[float, Optional[float]], bool]] = None
+        self._decision: Optional[bool] = None
+        self._loss_sum: Optional[torch.Tensor] = None
         self._check_grid()
         self.local_params = sum(p.numel() for p in model.parameters())
 
@@ -136,6 +148,8 @@ class TrainEngine:
         or SFT's ``(tokens, labels, answer_mask, segments)``: loss = mean over the global batch's
         answer tokens, attention inside each packed sample (token_weights.py, document_mask.py)."""
         lr = self.lr
+        self._decision = None
+        ds_skipped = self.engine.skipped_steps
         micro_batches = [tuple(t.to(self.device) for t in mb) for mb in micro_batches]
         if micro_batches and len(micro_batches[0]) == 4:
             micro_batches, _ = weigh_answer_tokens(micro_batches, self.layout.dp,
@@ -145,13 +159,13 @@ class TrainEngine:
             it = (((mb[0], mb[3]), (mb[1], mb[2])) if len(mb) == 4 else mb for mb in micro_batches)
             loss = self.engine.train_batch(data_iter=it).item()
         else:
-            total = torch.zeros((), dtype=torch.float32, device=self.device)
+            total = self._loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
             for tokens, labels, *sft in micro_batches:
                 logits = self.engine(tokens, sft[1]) if sft else self.engine(tokens)
                 loss_t = lm_loss(logits, labels, sft[0] if sft else None)
                 self.engine.backward(loss_t)
+                total += loss_t.detach().float()  # before step(): the gate reads it
                 self.engine.step()
-                total += loss_t.detach().float()
             total /= self.cfg.train.grad_accum_steps
             if self.layout.dp > 1:
                 dist.all_reduce(total, group=self.grid.get_data_parallel_group())
@@ -159,7 +173,61 @@ class TrainEngine:
             loss = total.item()
         norm = self.engine.get_global_grad_norm()
         norm = float(norm.item() if torch.is_tensor(norm) else (norm if norm is not None else float("nan")))
-        return StepResult(loss=loss, grad_norm=norm, lr=lr)
+        skipped = bool(self._decision)
+        if self.engine.skipped_steps != ds_skipped:  # DeepSpeed's overflow check: no update, no LR step
+            self.scheduler.step()
+            skipped = True
+        return StepResult(loss=loss, grad_norm=norm, lr=lr, skipped=skipped)
+
+    def _gate_client_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Route the client optimizer's ``step`` through :attr:`step_gate` (decided once per step:
+        ZeRO calls it once per parameter group)."""
+        inner = optimizer.step
+
+        def gated_step(*args, **kwargs):
+            if self._decision is None:
+                self._decision = False
+                if self.step_gate is not None:
+                    self._decision = bool(self.step_gate(self._global_loss_now(), self._grad_norm_now()))
+            return None if self._decision else inner(*args, **kwargs)
+        optimizer.step = gated_step
+
+    def _global_loss_now(self) -> float:
+        """This step's mean loss over the global batch, on every rank (one all-reduce over the world)."""
+        t = self.cfg.train
+        local = self._loss_sum
+        if self.pipelined:
+            local = self.engine.total_loss if self.engine.is_last_stage() else None
+        out = torch.zeros(1, dtype=torch.float32, device=self.device)
+        if local is not None:  # every TP x DP rank of the last stage holds its replica's loss
+            out += local.detach().float().sum() / (t.grad_accum_steps * self.layout.dp * self.layout.tp)
+        dist.all_reduce(out)
+        return float(out.item())
+
+    def _grad_norm_now(self) -> Optional[float]:
+        """The global norm DeepSpeed just computed (ZeRO / bf16 optimizers), or None (ZeRO-0 fp32)."""
+        norm = getattr(self.optimizer, "_global_grad_norm", None)
+        return None if norm is None else float(norm.item() if torch.is_tensor(norm) else norm)
+
+    def eval_step(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Mean loss over ``grad_accum_steps`` micro-batches ``(tokens, labels)`` [b, s] of every DP
+        rank, without gradients; the same value on every rank."""
+        if self.pipelined:
+            it = ((tok.to(self.device), lab.to(self.device)) for tok, lab in micro_batches)
+            out = self.engine.eval_batch(data_iter=it)
+            self.engine.module.train()
+            return float(out.item())
+        self.engine.module.eval()
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        with torch.no_grad():
+            for tokens, labels in micro_batches:
+                total += lm_loss(self.engine(tokens.to(self.device)), labels.to(self.device)).float()
+        self.engine.module.train()
+        total /= self.cfg.train.grad_accum_steps
+        if self.layout.dp > 1:
+            dist.all_reduce(total, group=self.grid.get_data_parallel_group())
+            total /= self.layout.dp
+        return float(total.item())
 
     # --- checkpoints (thin: megatron_llama/checkpoint/directory.py owns the directory layout) -------------
     def save(self, save_dir: str, tag: str, client_state: dict) -> None:

@@ -71,8 +71,9 @@ def _write_shards(engine, save_dir: str, tag: str, state: dict) -> None:
 
 
 def save(engine, cfg, layout, save_dir: str, step: int, consumed_samples: int, last_loss: float,
-         reason: str = "interval") -> Path:
-    """Write a checkpoint of ``step`` on all ranks (see the module doc); returns its directory."""
+         reason: str = "interval", extra: Optional[dict] = None) -> Path:
+    """Write a checkpoint of ``step`` on all ranks (see the module doc); returns its directory.
+    ``extra`` is added to ``run.json`` (e.g. ``skipped_samples``, launch/rollback.py)."""
     root = Path(save_dir)
     tag = tag_for(step)
     tmp_tag = tag + TMP_SUFFIX
@@ -93,7 +94,7 @@ def save(engine, cfg, layout, save_dir: str, step: int, consumed_samples: int, l
                 "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "world_size": layout.world_size},
                 "config": config_to_dict(cfg), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                             "megatron-core": getattr(megatron.core, "__version__", "?")}}
+                             "megatron-core": getattr(megatron.core, "__version__", "?")}, **(extra or {})}
         _write_atomic(tmp / META, json.dumps(meta, indent=2, default=str))
         if final.exists():  # a complete checkpoint of this step from a run that crashed before `latest`
             shutil.rmtree(final)

@@ -10,6 +10,7 @@ from .model import ModelConfig
 CHECKPOINT_MODES = ("none", "selective", "full")
 PARTITION_METHODS = ("bloom", "uniform", "parameters", "cost")
 PRECISIONS = ("auto", "bf16", "fp32")
+SPIKE_ACTIONS = ("warn", "skip", "rollback")
 
 
 @dataclass
@@ -104,9 +105,22 @@ class TrainConfig:
     keep_last: int = 2
     wandb_project: Optional[str] = None
     init_from: Optional[str] = None  # hf:DIR or a native checkpoint: weights only, fresh optimizer, step 0
+    # validation (launch/validation.py): every eval_interval steps (0 = only at the end) when the
+    # data has a held-out split (data.valid_fraction / data.valid_sources), eval_iters global batches
+    eval_interval: int = 0
+    eval_iters: int = 10
+    tensorboard_dir: Optional[str] = None  # rank 0 writes TensorBoard event files here
+    # loss spikes (launch/spikes.py): z-score of the loss over the last spike_window accepted steps,
+    # checked after spike_warmup steps; NaN/Inf loss or grad norm is always skipped
+    spike_action: str = "warn"
+    spike_zscore: float = 6.0
+    spike_window: int = 50
+    spike_warmup: int = 20
+    spike_max_in_row: int = 5  # this many skipped / rolled-back steps in a row: stop, exit status 4
 
     def __post_init__(self) -> None:
-        for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval"):
+        for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval", "eval_iters",
+                     "spike_window", "spike_max_in_row"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
@@ -115,7 +129,11 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
-        for name in ("save_interval", "save_minutes", "keep_last"):
+        if self.spike_action not in SPIKE_ACTIONS:
+            raise ConfigError(f"train.spike_action={self.spike_action!r}: choose one of {', '.join(SPIKE_ACTIONS)}")
+        if self.spike_zscore <= 0:
+            raise ConfigError(f"train.spike_zscore must be positive, got {self.spike_zscore}")
+        for name in ("save_interval", "save_minutes", "keep_last", "eval_interval", "spike_warmup"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0 (0 = off), got {getattr(self, name)}")
 
@@ -152,12 +170,21 @@ class DataConfig:
     sft: bool = False                 # supervised fine-tuning data (megatron_llama/data/sft_*.py)
     sft_overlong: str = "truncate"    # SFT samples longer than seq_len: truncate or drop
     chat_template: str = "llama2"     # SFT conversation format (data/chat_template.py)
+    # held-out validation data: a fraction of the documents (never trained on), or own sources
+    valid_fraction: float = 0.0
+    valid_sources: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.seq_len is not None and self.seq_len < 2:
             raise ConfigError(f"data.seq_len must be >= 2, got {self.seq_len}")
         if self.sft_overlong not in ("truncate", "drop"):
             raise ConfigError(f"data.sft_overlong={self.sft_overlong!r}: choose truncate or drop")
+        if not 0 <= self.valid_fraction < 0.5:
+            raise ConfigError(f"data.valid_fraction must be in [0, 0.5), got {self.valid_fraction}: "
+                              "e.g. 0.01 holds out 1% of the documents")
+        if self.valid_fraction and self.valid_sources:
+            raise ConfigError("data.valid_fraction and data.valid_sources are both set: hold out a fraction "
+                              "of the training documents or give separate validation sources, not both")
 
 
 @dataclass

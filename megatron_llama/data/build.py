@@ -16,6 +16,7 @@ Heavy work (tokenizer training, preprocessing, index building) runs inside
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Callable, Optional
@@ -24,6 +25,7 @@ import numpy as np
 
 from ..config.errors import ConfigError
 from ..config.run import DataConfig
+from .heldout import SYNTHETIC_VALID_SEED, document_tokens, split_documents
 from .blending import blend, parse_sources, plan_blend, samples_per_source
 from .indexed import IndexInfo, inspect_indexed
 from .packing import TokenizerView, packed_source, window, windows_per_epoch
@@ -132,15 +134,41 @@ def _prepare_corpus(data: DataConfig, model_vocab_size: int) -> tuple[str, str]:
     return tokenizer, str(out)
 
 
+def _split(info: IndexInfo, fraction: float, split: str) -> tuple[IndexInfo, Optional[np.ndarray]]:
+    """``info`` restricted to one side of the held-out split (data/heldout.py), and its documents."""
+    if not fraction:
+        return info, None
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    indexed = IndexedDataset(info.prefix, multimodal=False, mmap=True)
+    docs = split_documents(len(indexed.document_indices) - 1, fraction, split)
+    tokens = int(document_tokens(indexed.sequence_lengths, indexed.document_indices)[docs].sum())
+    return dataclasses.replace(info, num_tokens=tokens, num_documents=len(docs)), docs
+
+
 def build_train_dataset(data: DataConfig, seed: int, model_vocab_size: int,
-                        rank_zero_first: Optional[Callable[[Callable[[], None]], object]] = None):
+                        rank_zero_first: Optional[Callable[[Callable[[], None]], object]] = None,
+                        split: str = "train"):
     """Validated training windows for ``data``; see the module docstring.
 
+    ``split="valid"``: the held-out windows instead (``data.valid_fraction`` of the documents, or
+    ``data.valid_sources``; data/heldout.py); None when the data config has no validation split.
     ``rank_zero_first(fn)`` must run ``fn`` on global rank 0, barrier, then on the other ranks.
     Raises ConfigError (before any heavy work where the input allows) for bad input.
     """
     seq_len = data.seq_len or DEFAULT_SEQ_LEN
+    fraction = data.valid_fraction
+    if split == "valid":
+        if not (fraction or data.valid_sources):
+            return None
+        if data.valid_sources:
+            if data.tokenizer is None:
+                raise ConfigError("data.valid_sources needs data.tokenizer: the tokenizer.model the "
+                                  "validation corpora were preprocessed with")
+            fraction = 0.0
+            data = dataclasses.replace(data, sources=data.valid_sources, corpus=None, synthetic=False)
     if data.synthetic:
+        if split == "valid":
+            return SyntheticDataset(seq_len, model_vocab_size, seed + SYNTHETIC_VALID_SEED, num_samples=1 << 16)
         return SyntheticDataset(seq_len, model_vocab_size, seed)
     run = rank_zero_first or (lambda fn: fn())
     if data.corpus is not None and data.sources:
@@ -169,13 +197,17 @@ def build_train_dataset(data: DataConfig, seed: int, model_vocab_size: int,
     # --- validation: cheap, on every rank ----------------------------------------------------
     tok = _load_tokenizer(tokenizer, model_vocab_size)
     specs = parse_sources(sources)
-    infos = []
+    infos, documents = [], []
     for i, spec in enumerate(specs):
         where = f"data.sources[{i}]" if name == "sources" else f"data.corpus={data.corpus}"
         info = inspect_indexed(spec.path, where)
         _check_size(info, seq_len, where)
         _check_ids(info, tok, where)
+        info, docs = _split(info, fraction, split)
+        if docs is not None:
+            _check_size(info, seq_len, f"{where} ({split} side of data.valid_fraction={fraction})")
         infos.append(info)
+        documents.append(docs)
     windows = [windows_per_epoch(info, seq_len) for info in infos]
     weights, length = plan_blend(specs, windows)
     view = TokenizerView(tok.vocab_size, tok.eos_id, tok.checksum)
@@ -186,12 +218,13 @@ def build_train_dataset(data: DataConfig, seed: int, model_vocab_size: int,
     def build() -> None:
         # a lone source serves its windows as they are; a blend needs a little slack per source
         counts = [length] if len(infos) == 1 else samples_per_source(weights, length)
-        parts = [packed_source(info, seq_len, seed, n, view, data.cache_dir)
-                 for info, n in zip(infos, counts)]
+        parts = [packed_source(info, seq_len, seed, n, view, data.cache_dir, docs, f"{split}{fraction:g}")
+                 for info, n, docs in zip(infos, counts, documents)]
         if len(parts) == 1:
             inner = parts[0]
         else:
-            inner = blend(parts, weights, length, str(Path(data.cache_dir) / "index-cache" / "blends"))
+            blends = "blends" if not fraction else f"blends-{split}{fraction:g}"
+            inner = blend(parts, weights, length, str(Path(data.cache_dir) / "index-cache" / blends))
         built.append(inner)
 
     run(build)

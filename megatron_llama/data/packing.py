@@ -66,11 +66,17 @@ def index_cache_dir(cache_root: str, info: IndexInfo) -> str:
 
 
 def packed_source(info: IndexInfo, seq_len: int, seed: int, num_samples: int,
-                  tokenizer: TokenizerView, cache_root: str) -> GPTDataset:
-    """A GPTDataset over the whole corpus with at least ``num_samples`` windows."""
+                  tokenizer: TokenizerView, cache_root: str, documents: np.ndarray | None = None,
+                  split: str = "") -> GPTDataset:
+    """A GPTDataset over the corpus (or only ``documents``, one side of data/heldout.py's split,
+    named ``split``) with at least ``num_samples`` windows."""
     indexed = IndexedDataset(info.prefix, multimodal=False, mmap=True)
-    config = gpt_config(seq_len, seed, tokenizer, info.prefix, index_cache_dir(cache_root, info))
-    documents = np.arange(len(indexed), dtype=np.int32)
+    cache = index_cache_dir(cache_root, info)
+    if documents is None:
+        documents = np.arange(len(indexed), dtype=np.int32)
+    else:  # megatron-core's cache key ignores the document subset: give each split its own folder
+        cache += f"-{split}"
+    config = gpt_config(seq_len, seed, tokenizer, info.prefix, cache)
     return GPTDataset(indexed, info.prefix, documents, num_samples, Split.train, config)
 
 
