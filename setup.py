@@ -19,7 +19,9 @@ setup(
         "zstandard",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-xdist", "hypothesis", "transformers", "safetensors", "matplotlib"],
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "transformers", "safetensors", "matplotlib", "tensorboard"],
+        "tensorboard": ["tensorboard"],  # train.tensorboard_dir
+        "plot": ["matplotlib"],          # mllama-plot
     },
     entry_points={
         "console_scripts": [
@@ -28,6 +30,7 @@ setup(
             "mllama-tokenizer=megatron_llama.data.tokenizer_cli:main",
             "mllama-convert=checkpoints_tools.convert:main",
             "mllama-bench=launch.bench:main",
+            "mllama-plot=launch.plot:main",
         ],
     },
 )

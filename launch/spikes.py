@@ -4,7 +4,7 @@ Every optimizer step is judged on its global loss and gradient norm (the same nu
 rank, so every rank takes the same decision without talking):
 
 * ``nonfinite``: NaN or Inf in the loss or the gradient norm. Never reaches the weights: the step
-  is skipped (``rollback`` with ``train.spike_action=rollback``).
+  is skipped, whatever ``train.spike_action`` says.
 * ``spike``: after ``train.spike_warmup`` steps, the loss is more than ``train.spike_zscore``
   standard deviations above the mean of the last ``train.spike_window`` accepted losses (the
   deviation is floored at 1 % of the mean, so a flat loss curve does not turn noise into spikes).
@@ -54,7 +54,7 @@ class SpikeDetector:
 
     def judge(self, loss: float, grad_norm: Optional[float]) -> Verdict:
         if not (_finite(loss) and _finite(grad_norm)):
-            return Verdict("nonfinite", "rollback" if self.action == "rollback" else "skip", loss, grad_norm)
+            return Verdict("nonfinite", "skip", loss, grad_norm)
         if self.seen >= self.warmup and len(self.history) >= 2:
             n = len(self.history)
             mean = sum(self.history) / n

@@ -195,7 +195,7 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
             verdict = guard.after_step(result)
             summary.skipped_steps, summary.rollbacks = guard.counts["skipped"], guard.counts["rollbacks"]
             monitor.counters.update(tokens_seen=consumed * cfg.data.seq_len, skipped_steps=summary.skipped_steps,
-                                    rollbacks=summary.rollbacks)
+                                    rollbacks=summary.rollbacks, skipped=int(result.skipped))
             summary.losses.append(result.loss)
             summary.grad_norms.append(result.grad_norm)
             summary.lrs.append(result.lr)
