@@ -127,12 +127,12 @@ def _series(ax, segments, key: str, color: str, label: str, skipped_marks: bool 
 
 
 def _mark_events(ax, events: list[dict], top: float) -> None:
-    skips = [e for e in events if e.get("action") in ("skip", "warn")]
+    skips = events
     if skips:
         ax.scatter([e["step"] for e in skips],
                    [min(e["loss"], top) if isinstance(e.get("loss"), float) and math.isfinite(e["loss"]) else top
                     for e in skips], marker="x", color="red", s=60, zorder=5,
-                   label="NaN / spike (skipped or warned; clipped to the axis)")
+                   label="NaN / loss spike (off-scale: at the top)")
     for i, e in enumerate(e for e in events if e.get("action") == "rollback"):
         ax.axvline(e["step"], color="purple", ls="--", lw=1, label="rollback" if i == 0 else None)
 
@@ -158,7 +158,7 @@ def plot(records: list[dict], out: Path) -> list[Path]:
 
     # loss: the axis follows the accepted steps so one spike does not flatten the curve
     fig, ax = _figure("Loss", "loss (mean token cross-entropy)")
-    _series(ax, segments, "loss", "tab:blue", "training loss")
+    _series(ax, segments, "loss", "tab:blue", "training loss", skipped_marks=True)
     good = sorted(_finite(r["loss"] for r in train if not r.get("skipped")) + _finite(r.get("valid_loss") for r in valid))
     if good:
         lo, hi = good[0], good[min(len(good) - 1, int(0.995 * len(good)))]
@@ -168,7 +168,7 @@ def plot(records: list[dict], out: Path) -> list[Path]:
     vpts = [(r["step"], r["valid_loss"]) for r in valid if _finite([r.get("valid_loss")])]
     if vpts:
         ax.plot(*zip(*vpts), "o-", color="tab:orange", lw=1.4, ms=5, label="validation loss")
-    ax.legend(loc="upper right")
+    ax.legend(loc="best", framealpha=0.85)
     save(fig, "loss.png")
 
     fig, ax = _figure("Learning rate", "learning rate")
@@ -185,18 +185,21 @@ def plot(records: list[dict], out: Path) -> list[Path]:
 
     fig, ax = _figure("Throughput", "tokens / s (global)")
     _series(ax, segments, "tokens_per_s", "tab:blue", "tokens/s")
-    ax2 = ax.twinx()
-    ax2.set_ylabel("model TFLOP/s per GPU")
-    _series(ax2, segments, "tflops_per_gpu", "tab:purple", "TFLOP/s per GPU")
-    lines = ax.get_lines() + ax2.get_lines()
-    ax.legend(lines[:1] + ax2.get_lines()[:1], ["tokens/s", "TFLOP/s per GPU"], loc="lower right")
     ax.set_ylim(bottom=0)
-    ax2.set_ylim(bottom=0)
+    # TFLOP/s per GPU is tokens/s times a constant (FLOPs per token / GPUs): a second scale, not a second line
+    ratios = [r["tflops_per_gpu"] / r["tokens_per_s"] for r in train
+              if _finite([r.get("tflops_per_gpu"), r.get("tokens_per_s")]) == [r.get("tflops_per_gpu"), r.get("tokens_per_s")]
+              and r["tokens_per_s"] > 0]
+    if ratios:
+        k = ratios[-1]
+        right = ax.secondary_yaxis("right", functions=(lambda x: x * k, lambda y: y / k))
+        right.set_ylabel("model TFLOP/s per GPU")
     save(fig, "throughput.png")
 
-    fig, ax = _figure("Memory", "GiB (peak GPU allocated; CPU: peak RSS)")
+    fig, ax = _figure("Memory per process (rank 0)", "GiB (GPU: peak allocated; CPU: peak RSS)")
     _series(ax, segments, "mem_gib", "tab:brown", "memory")
-    ax.set_ylim(bottom=0)
+    mem = _finite(r.get("mem_gib") for r in train)
+    ax.set_ylim(0, 1.2 * max(mem) if mem and max(mem) > 0 else 1)
     save(fig, "memory.png")
     return written
 
