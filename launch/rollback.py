@@ -18,9 +18,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from megatron_llama import checkpoint
+
+from .spikes import Verdict, describe
 
 FILE = "skipped_samples.json"
 
@@ -84,3 +86,26 @@ def reposition(batches, skips: SkippedSamples, consumed: int) -> int:
     if new != consumed:
         batches.consumed_samples = new
     return new
+
+
+def respond(verdict: Verdict, step: int, samples: tuple[int, int], engine, layout, save_dir: Optional[str],
+            skips: SkippedSamples, batches, log: Callable[[str], None],
+            event: Callable[[int, dict], None]) -> tuple[int, int]:
+    """Log a NaN / spike verdict (one line, plus a ``metrics.jsonl`` event) and carry out a
+    rollback; returns the ``(step, consumed samples)`` to continue from (every rank alike)."""
+    line = describe(verdict, step, samples)
+    log(line)
+    event(step, {"kind": verdict.kind, "action": verdict.action, "loss": verdict.loss,
+                 "grad_norm": verdict.grad_norm, "samples": list(samples), "line": line})
+    consumed = samples[1]
+    if verdict.action != "rollback":
+        return step, consumed
+    back = roll_back(engine, layout, save_dir, skips, consumed) if save_dir else None
+    if back is None:
+        log(f"  no checkpoint in {save_dir} to roll back to: the step was skipped instead")
+        return step, consumed
+    step, consumed, first = back
+    batches.consumed_samples = consumed
+    log(f"  rolled back to step {step}; samples [{first}, {consumed}) are skipped for good "
+        "(recorded in skipped_samples.json and in later checkpoints)")
+    return step, consumed

@@ -139,8 +139,8 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
     from .signals import StepBoundary, StopSignals, exit_code_for, signal_name
     from .wandb_log import WandbLogger
     from .monitor import RunMonitor
-    from .rollback import SkippedSamples, reposition, roll_back
-    from .spikes import StepGuard, describe
+    from .rollback import SkippedSamples, reposition, respond
+    from .spikes import StepGuard
     from .validation import Validator
 
     device, _backend = init_distributed()
@@ -200,20 +200,9 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
             summary.grad_norms.append(result.grad_norm)
             summary.lrs.append(result.lr)
             logger.step(step, result, time.perf_counter() - t0, step - start_step)
-            if verdict.kind != "ok":
-                line = describe(verdict, step, samples)
-                logger.print(line)
-                monitor.event(step, {"kind": verdict.kind, "action": verdict.action, "loss": verdict.loss,
-                                     "grad_norm": verdict.grad_norm, "samples": list(samples), "line": line})
-                if verdict.action == "rollback":
-                    back = roll_back(engine, layout, t.save_dir, skips, consumed) if save else None
-                    if back is None:
-                        logger.print(f"  no checkpoint in {t.save_dir} to roll back to: the step was skipped")
-                    else:
-                        step, consumed, first = back
-                        batches.consumed_samples = consumed
-                        logger.print(f"  rolled back to step {step}; samples [{first}, {consumed}) are skipped "
-                                     "for good (recorded in skipped_samples.json and later checkpoints)")
+            if verdict.kind != "ok":  # one line; a rollback reloads the last checkpoint (launch/rollback.py)
+                step, consumed = respond(verdict, step, samples, engine, layout, t.save_dir if save else None,
+                                         skips, batches, logger.print, monitor.event)
                 summary.diverged = guard.diverged(step)
                 if summary.diverged:
                     logger.print(f"error: {summary.diverged}")

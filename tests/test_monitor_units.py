@@ -109,3 +109,17 @@ def test_run_log_keeps_nan_parseable_and_survives_a_torn_line(tmp_path):
     assert math.isnan(recs[0]["grad_norm"]) and recs[1]["loss"] == math.inf
     assert all(json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()[:2])
     assert not RunLog(str(tmp_path / "off"), enabled=False).path.parent.exists()
+
+
+def test_missing_tensorboard_is_one_warning_and_training_goes_on(monkeypatch, tmp_path):
+    import launch.tensorboard_log as tb
+
+    def missing():
+        raise ImportError("No module named 'tensorboard'")
+    monkeypatch.setattr(tb, "_summary_writer", missing)
+    lines = []
+    logger = tb.TensorBoardLogger(str(tmp_path / "tb"), enabled=True, warn=lines.append)
+    logger.log(1, {"loss": 2.0})
+    logger.close()
+    assert len(lines) == 1 and lines[0].startswith("warning: TensorBoard logging disabled")
+    assert "training continues" in lines[0]
