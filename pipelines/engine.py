@@ -188,21 +188,28 @@ class TrainEngine:
             if self._decision is None:
                 self._decision = False
                 if self.step_gate is not None:
-                    self._decision = bool(self.step_gate(self._global_loss_now(), self._grad_norm_now()))
+                    norm = self._grad_norm_now()
+                    # ZeRO-0 fp32 computes no norm we can read: check the gradients ourselves
+                    loss, bad_grads = self._step_stats(optimizer if norm is None else None)
+                    self._decision = bool(self.step_gate(loss, float("nan") if bad_grads else norm))
             return None if self._decision else inner(*args, **kwargs)
         optimizer.step = gated_step
 
-    def _global_loss_now(self) -> float:
-        """This step's mean loss over the global batch, on every rank (one all-reduce over the world)."""
+    def _step_stats(self, check_grads: Optional[torch.optim.Optimizer]) -> tuple[float, bool]:
+        """This step's mean loss over the global batch, and whether any rank has a non-finite
+        gradient in ``check_grads`` (if given); the same on every rank (one all-reduce over the world)."""
         t = self.cfg.train
         local = self._loss_sum
         if self.pipelined:
             local = self.engine.total_loss if self.engine.is_last_stage() else None
-        out = torch.zeros(1, dtype=torch.float32, device=self.device)
+        out = torch.zeros(2, dtype=torch.float32, device=self.device)
         if local is not None:  # every TP x DP rank of the last stage holds its replica's loss
-            out += local.detach().float().sum() / (t.grad_accum_steps * self.layout.dp * self.layout.tp)
+            out[0] += local.detach().float().sum() / (t.grad_accum_steps * self.layout.dp * self.layout.tp)
+        if check_grads is not None:
+            out[1] = float(any(not torch.isfinite(p.grad).all() for g in check_grads.param_groups
+                               for p in g["params"] if p.grad is not None))
         dist.all_reduce(out)
-        return float(out.item())
+        return float(out[0].item()), bool(out[1].item() > 0)
 
     def _grad_norm_now(self) -> Optional[float]:
         """The global norm DeepSpeed just computed (ZeRO / bf16 optimizers), or None (ZeRO-0 fp32)."""

@@ -2,7 +2,7 @@
 
 * A skipped step (a real NaN through the model, and a real loss spike caught by the z-score)
   leaves the weights and the optimizer state exactly as they were, at PP1·DP2 (ZeRO-1
-  partitions) and PP2 (the pipeline engine's train_batch steps internally).
+  partitions, and ZeRO-0) and PP2 (the pipeline engine's train_batch steps internally).
 * End to end with ``spike_action=rollback``: a NaN batch is skipped, a spiking batch rolls the
   run back to its last checkpoint and its samples are never read again; the skipped range is
   recorded, so resuming from the checkpoint before the rollback trains on the same samples in
@@ -82,10 +82,13 @@ def _skip_worker(rank, world, overrides):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("pp,dp", [(1, 2), (2, 1)], ids=["PP1-DP2-ZeRO1", "PP2"])
-def test_skipped_step_leaves_weights_and_optimizer_state_unchanged(dist_pool, pp, dp):
+@pytest.mark.parametrize("pp,dp,zero", [(1, 2, 1), (1, 2, 0), (2, 1, 1)], ids=["PP1-DP2-ZeRO1", "PP1-DP2-ZeRO0", "PP2"])
+def test_skipped_step_leaves_weights_and_optimizer_state_unchanged(dist_pool, pp, dp, zero):
+    """ZeRO-1 / the pipeline engine skip a NaN gradient norm themselves; ZeRO-0 fp32 does not
+    (only our gate does); a loss spike goes through our gate everywhere."""
     overrides = base_overrides("tiny", dp=dp) + [f"parallel.pp={pp}", f"parallel.dp={dp}", "train.spike_action=skip",
-                                                 "train.spike_warmup=2", "train.spike_window=10"]
+                                                 "train.spike_warmup=2", "train.spike_window=10",
+                                                 f"parallel.zero_stage={zero}"]
     results = dist_pool(pp * dp).run(_skip_worker, overrides)
     for out, counts in results:  # every rank took the same decisions
         assert out == [("spike", "spike", "skip", True, True),
@@ -131,7 +134,7 @@ def _poisoned_run(rank, world, overrides, poison):
 
 
 @pytest.mark.distributed
-def test_nan_skip_and_spike_rollback_end_to_end(dist_pool, tmp_path, capfd):
+def test_nan_skip_and_spike_rollback_end_to_end(dist_pool, tmp_path):
     pool = dist_pool(2)
     run_a = tmp_path / "a"
     common = base_overrides("tiny", dp=2) + [
@@ -146,10 +149,13 @@ def test_nan_skip_and_spike_rollback_end_to_end(dist_pool, tmp_path, capfd):
     assert (skipped, rollbacks, final_step) == (1, 1, 8)
     assert len(losses) == 9 and finite == [True, True, False] + [True] * 6  # steps 1-5, back to 4, 5-8
     assert losses[4] > 3 * losses[3]  # the spike
-    console = capfd.readouterr().out
-    assert "step 3: NaN/Inf" in console and "samples [8, 12); step skipped" in console
-    assert "step 5: loss spike" in console and "samples [16, 20); rolling back" in console
-    assert "rolled back to step 4; samples [16, 20) are skipped for good" in console
+    # the log lines (console and metrics.jsonl): step, samples, action
+    from launch.run_log import read_records
+    events = [r for r in read_records(str(run_a)) if r["type"] == "event"]
+    assert [(e["step"], e["kind"], e["action"], e["samples"]) for e in events] == [
+        (3, "nonfinite", "skip", [8, 12]), (5, "spike", "rollback", [16, 20])]
+    assert events[0]["line"].startswith("step 3: NaN/Inf") and "samples [8, 12); step skipped" in events[0]["line"]
+    assert events[1]["line"].startswith("step 5: loss spike") and "samples [16, 20); rolling back" in events[1]["line"]
     meta = json.loads((run_a / "step0000008" / "run.json").read_text())
     assert meta["skipped_samples"] == [[16, 20]] and meta["consumed_samples"] == 36
     assert json.loads((run_a / "skipped_samples.json").read_text()) == [[16, 20]]
