@@ -130,7 +130,7 @@ def _poisoned_run(rank, world, overrides, poison):
         s = train(cfg, log=rank == 0, save=True)
     finally:
         handle.remove()
-    return s.losses, s.skipped_steps, s.rollbacks, s.final_step, np.isfinite(s.losses).tolist()
+    return s.losses, s.skipped_steps, s.rollbacks, s.final_step, np.isfinite(s.losses).tolist(), s.diverged
 
 
 @pytest.mark.distributed
@@ -144,9 +144,9 @@ def test_nan_skip_and_spike_rollback_end_to_end(dist_pool, tmp_path):
     poison = {8: float("nan"), 16: 40.0}  # global batch 4: step 3 reads [8, 12), step 5 [16, 20)
     out = pool.run(_poisoned_run, common + [f"train.save_dir={run_a}", f"train.tensorboard_dir={run_a / 'tb'}"],
                    poison)
-    losses, skipped, rollbacks, final_step, finite = out[0]
+    losses, skipped, rollbacks, final_step, finite, diverged = out[0]
     assert out[1][:4] == out[0][:4] or out[1][1:4] == out[0][1:4]
-    assert (skipped, rollbacks, final_step) == (1, 1, 8)
+    assert (skipped, rollbacks, final_step, diverged) == (1, 1, 8, None)
     assert len(losses) == 9 and finite == [True, True, False] + [True] * 6  # steps 1-5, back to 4, 5-8
     assert losses[4] > 3 * losses[3]  # the spike
     # the log lines (console and metrics.jsonl): step, samples, action
@@ -196,3 +196,19 @@ def test_nan_skip_and_spike_rollback_end_to_end(dist_pool, tmp_path):
     assert "NaN/Inf steps: 1; loss spikes: 1; skipped steps: 1; rollbacks: 1" in report
     best = min(v for _, v in json.loads((run_b / "summary.json").read_text())["valid_losses"])
     assert f"validation loss: best {best:.4f}" in report and "status: done" in report
+
+    # too many bad steps in a row: the run stops, diverged (exit status 4), and saves nothing
+    run_c = tmp_path / "c"
+    out = pool.run(_poisoned_run, common + [f"train.save_dir={run_c}", "train.spike_max_in_row=2"],
+                   {8: float("nan"), 12: float("nan")})[0]
+    assert out[3] == 4 and "2 steps in a row up to step 4" in out[5] and "exit status 4" in out[5]
+    assert (run_c / "latest").read_text() == "step0000002"  # the last good checkpoint stays the newest
+    assert json.loads((run_c / "summary.json").read_text())["diverged"] == out[5]
+
+
+def test_main_exit_status_4_when_diverged(monkeypatch):
+    import launch.train as lt
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(lt, "train", lambda cfg: lt.TrainSummary(diverged="training diverged: ..."))
+    assert lt.main(["configs/tiny-cpu-3d.yaml", "parallel.tp=1", "parallel.pp=1", "parallel.dp=1"]) == 4
