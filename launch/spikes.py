@@ -86,6 +86,15 @@ class StepGuard:
         self.in_row = 0
         self.counts = {"skipped": 0, "rollbacks": 0, "spikes": 0, "nonfinite": 0}
 
+    def state_dict(self) -> dict:
+        """Kept in every checkpoint's run.json, so a resumed run detects spikes from its first step."""
+        return {"history": list(self.detector.history), "seen": self.detector.seen}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if state:
+            self.detector.history.extend(state.get("history", []))
+            self.detector.seen = int(state.get("seen", 0))
+
     def gate(self, loss: float, grad_norm: Optional[float]) -> bool:
         self.pending = self.detector.judge(loss, grad_norm)
         return not self.pending.applied

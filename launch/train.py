@@ -153,9 +153,12 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
 
     start_step, consumed = checkpoint.resume(engine, layout, t.save_dir) if save else (0, 0)
     batches, source = open_batches(cfg, consumed, layout.dp_rank, layout.dp, rank_zero_first)
-    skips = SkippedSamples.load(t.save_dir, checkpoint.latest(t.save_dir)) if save else SkippedSamples(None)
+    meta = checkpoint.latest(t.save_dir) if save and start_step else None
+    skips = SkippedSamples.load(t.save_dir, meta) if save else SkippedSamples(None)
     validator = Validator(cfg, layout, engine, rank_zero_first)
     guard = StepGuard(t)
+    guard.load_state_dict((meta or {}).get("spike_detector"))
+    run_state = lambda: {"skipped_samples": skips.ranges, "spike_detector": guard.state_dict()}  # noqa: E731
     engine.step_gate = guard.gate  # asked before every optimizer update (pipelines/engine.py)
 
     total_params = cfg.model.num_params(layout.tp)
@@ -223,7 +226,7 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
             interval = bool(t.save_interval) and step % t.save_interval == 0
             if interval or decision.timed_save:
                 checkpoint.save(engine, cfg, layout, t.save_dir, step, consumed, result.loss,
-                                reason="interval" if interval else "timed", extra={"skipped_samples": skips.ranges})
+                                reason="interval" if interval else "timed", extra=run_state())
                 boundary.saved()
         summary.wall_time_s = time.perf_counter() - t0
         summary.steps = step - start_step
@@ -233,7 +236,7 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
             reason = signal_name(summary.stop_signal) if summary.stop_signal else "end"
             summary.checkpoint = str(checkpoint.save(engine, cfg, layout, t.save_dir, step, consumed,
                                                      summary.losses[-1], reason=reason,
-                                                     extra={"skipped_samples": skips.ranges}))
+                                                     extra=run_state()))
         monitor.end(step, {"status": "diverged" if summary.diverged else (signal_name(summary.stop_signal)
                                                                           if summary.stop_signal else "done"),
                            "wall_time_s": round(summary.wall_time_s, 2)})

@@ -123,3 +123,20 @@ def test_missing_tensorboard_is_one_warning_and_training_goes_on(monkeypatch, tm
     logger.close()
     assert len(lines) == 1 and lines[0].startswith("warning: TensorBoard logging disabled")
     assert "training continues" in lines[0]
+
+
+def test_guard_state_round_trips_through_a_checkpoint():
+    a = StepGuard(_cfg())
+    for x in (3.0, 3.1, 2.9):
+        a.gate(x, 1.0), a.after_step(SimpleNamespace(loss=x, grad_norm=1.0, skipped=False))
+    b = StepGuard(_cfg())
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert b.gate(9.0, 1.0) is True and b.pending.kind == "spike"  # no second warm-up
+    b.load_state_dict(None)  # a fresh run: nothing to load
+
+
+def test_plot_of_a_directory_without_metrics_is_one_error_line(tmp_path, capsys):
+    from launch.plot import main
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "metrics.jsonl not found" in err[0]

@@ -156,6 +156,9 @@ def test_nan_skip_and_spike_rollback_end_to_end(dist_pool, tmp_path):
         (3, "nonfinite", "skip", [8, 12]), (5, "spike", "rollback", [16, 20])]
     assert events[0]["line"].startswith("step 3: NaN/Inf") and "samples [8, 12); step skipped" in events[0]["line"]
     assert events[1]["line"].startswith("step 5: loss spike") and "samples [16, 20); rolling back" in events[1]["line"]
+    # the detector's recent losses travel with the checkpoint: a resumed run needs no new warm-up
+    detector = json.loads((run_a / "step0000004" / "run.json").read_text())["spike_detector"]
+    assert detector["seen"] == 3 and detector["history"] == pytest.approx([losses[0], losses[1], losses[3]])
     meta = json.loads((run_a / "step0000008" / "run.json").read_text())
     assert meta["skipped_samples"] == [[16, 20]] and meta["consumed_samples"] == 36
     assert json.loads((run_a / "skipped_samples.json").read_text()) == [[16, 20]]

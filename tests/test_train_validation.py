@@ -50,7 +50,15 @@ def test_heldout_documents_never_reach_training_windows(tmp_path):
     valid = build_train_dataset(cfg, 3, 512, split="valid")
     whole = build_train_dataset(DataConfig(seq_len=16, tokenizer=tok.path, sources=[{"path": str(tmp_path / "c")}],
                                            cache_dir=str(tmp_path / "cache")), 3, 512)
-    assert build_train_dataset(DataConfig(synthetic=True, seq_len=16), 3, 256, split="valid") is None
+    assert build_train_dataset(DataConfig(synthetic=True, seq_len=16), 3, 512, split="valid") is None
+    # data.valid_sources: a separate corpus (here the whole one), read in full
+    sources = [{"path": str(tmp_path / "c")}]
+    separate = build_train_dataset(DataConfig(seq_len=16, tokenizer=tok.path, sources=sources, valid_sources=sources,
+                                              cache_dir=str(tmp_path / "cache")), 3, 512, split="valid")
+    assert len(separate) == len(whole)
+    from megatron_llama.config import ConfigError
+    with pytest.raises(ConfigError, match="valid_sources needs data.tokenizer"):
+        build_train_dataset(DataConfig(seq_len=16, corpus="x.jsonl", valid_sources=sources), 3, 512, split="valid")
     held = set(np.flatnonzero(heldout_mask(400, 0.1)).tolist())
     train_docs = set(np.asarray(train.inner.document_index).tolist())
     valid_docs = set(np.asarray(valid.inner.document_index).tolist())
