@@ -61,8 +61,9 @@ def report(records: list[dict], run_dir: str) -> list[str]:
         return lines + ["  no training steps recorded yet"]
     total = starts[-1].get("total_steps") if starts else None
     last = train[-1]
+    repeated = len(train) - last["step"]  # steps run again after a rollback or a resume from an older checkpoint
     lines.append(f"  steps: {last['step']}" + (f" of {total}" if total else "")
-                 + f" ({len(train)} optimizer steps run, including repeated ones after rollbacks)")
+                 + (f" ({len(train)} optimizer steps run, {repeated} of them repeated)" if repeated > 0 else ""))
     lines.append(f"  tokens seen: {_fmt_count(last.get('tokens_seen', 0))}")
     # time actually training: per invocation, first to last record (start-up excluded)
     busy = sum(seg[-1]["time"] - seg[0]["time"] + seg[0].get("step_time_s", 0) for seg in _by_invocation(records))
@@ -205,8 +206,10 @@ def plot(records: list[dict], out: Path) -> list[Path]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="mllama-plot", description=__doc__.split("\n")[0],
-                                     epilog=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mllama-plot", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="PNGs of a training run and a short text report, from the run's own metrics.jsonl.",
+        epilog="examples:\n" + __doc__.split("\n", 2)[2].replace("``", ""))
     parser.add_argument("run_dir", help="a run directory (train.save_dir) holding metrics.jsonl")
     parser.add_argument("--out", default=None, help="where to write the PNGs and report.txt (default RUN_DIR/plots)")
     args = parser.parse_args(argv)

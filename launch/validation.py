@@ -33,8 +33,10 @@ class Validator:
         if not self.enabled:
             return "no validation (set data.valid_fraction or data.valid_sources)"
         every = f"every {t.eval_interval} steps and at the end" if t.eval_interval else "at the end"
-        return (f"validation {every}: {t.eval_iters} batches of {len(self.dataset):,} held-out windows "
-                f"({'data.valid_sources' if self.cfg.data.valid_sources else f'{self.cfg.data.valid_fraction:g} of the documents'})")
+        d = self.cfg.data
+        origin = ("data.valid_sources" if d.valid_sources else "synthetic" if d.synthetic
+                  else f"{d.valid_fraction:g} of the documents")
+        return f"validation {every}: {t.eval_iters} batches of {len(self.dataset):,} held-out windows ({origin})"
 
     def due(self, step: int, last: bool) -> bool:
         every = self.cfg.train.eval_interval
