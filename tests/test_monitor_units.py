@@ -36,6 +36,8 @@ def test_valid_config_errors():
         load_config(None, ["model.preset=tiny", "data.valid_fraction=0.7"])
     with pytest.raises(ConfigError, match="both set"):
         load_config(None, ["model.preset=tiny", "data.valid_fraction=0.1", "data.valid_sources=[x]"])
+    with pytest.raises(ConfigError, match="not supported yet"):
+        load_config(None, ["model.preset=tiny", "data.sft=true", "data.valid_fraction=0.1"])
     with pytest.raises(ConfigError, match="spike_action"):
         load_config(None, ["model.preset=tiny", "train.spike_action=panic"])
 

@@ -182,6 +182,9 @@ class DataConfig:
         if not 0 <= self.valid_fraction < 0.5:
             raise ConfigError(f"data.valid_fraction must be in [0, 0.5), got {self.valid_fraction}: "
                               "e.g. 0.01 holds out 1% of the documents")
+        if self.sft and (self.valid_fraction or self.valid_sources):
+            raise ConfigError("data.valid_fraction / data.valid_sources with data.sft=true are not supported yet:"
+                              " validate SFT runs by evaluating the exported model, or drop the validation split")
         if self.valid_fraction and self.valid_sources:
             raise ConfigError("data.valid_fraction and data.valid_sources are both set: hold out a fraction "
                               "of the training documents or give separate validation sources, not both")
