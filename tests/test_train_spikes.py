@@ -12,7 +12,6 @@ import contextlib
 import copy
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
