@@ -82,6 +82,11 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device
                              eps=t.eps, fused=device.type == "cuda")
 
 
+def _overflow_said_by_trainer(record: logging.LogRecord) -> bool:
+    """DeepSpeed's "OVERFLOW! Skipping step" warning: the trainer logs the skip in one line of its own."""
+    return "OVERFLOW! Skipping step" not in record.getMessage()
+
+
 @dataclass
 class StepResult:
     loss: float          # mean token loss over the global batch (same on every rank)
@@ -101,6 +106,7 @@ class TrainEngine:
 
         if quiet:
             logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+            logging.getLogger("DeepSpeed").addFilter(_overflow_said_by_trainer)
         self.cfg, self.layout, self.device = cfg, layout, device
         self.dtype = dtype or resolve_dtype(cfg.train.precision, device)
         self.pipelined = layout.pp > 1
