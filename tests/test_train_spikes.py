@@ -77,6 +77,8 @@ def _skip_worker(rank, world, overrides):
     before = state()
     result, verdict = step()
     out.append(("after", verdict.kind, verdict.action, result.skipped, same(before, state())))
+    # the LR schedule advanced on the skipped steps too (a function of the step number: 6 steps)
+    out.append(("lr", engine.lr == pytest.approx(cfg.train.lr * schedule_for(cfg.train)(6), rel=1e-12)))
     return out, guard.counts
 
 
@@ -92,7 +94,7 @@ def test_skipped_step_leaves_weights_and_optimizer_state_unchanged(dist_pool, pp
     for out, counts in results:  # every rank took the same decisions
         assert out == [("spike", "spike", "skip", True, True),
                        ("nan", "nonfinite", "skip", True, True),
-                       ("after", "ok", "none", False, False)]
+                       ("after", "ok", "none", False, False), ("lr", True)]
         assert counts == {"skipped": 2, "rollbacks": 0, "spikes": 1, "nonfinite": 1}
 
 
