@@ -29,6 +29,7 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    _reuse_process_groups(dist)
     while True:
         task = tasks.get()
         if task is None:
@@ -44,6 +45,27 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
         results.put((rank, out))
     # No destroy_process_group(): it waits on peers and made pool shutdown take 30 s; the
     # process is exiting and gloo's sockets close with it.
+
+
+def _reuse_process_groups(dist) -> None:
+    """Make ``new_group`` return the group made earlier for the same ranks and backend.
+
+    Every task builds a layout, and megatron-core plus DeepSpeed create ~17 gloo groups for it
+    (3 threads each, never freed: ``destroy_process_group`` leaves the threads). Over the suite a
+    worker gathered >1000 threads and idle workers kept both cores busy. A real run builds its
+    layout once, so reusing groups across tasks changes nothing a test checks: every rank makes
+    the same calls in the same order, so all ranks hit (or miss) the cache together.
+    """
+    made = {}
+    create = dist.new_group
+
+    def new_group(ranks=None, timeout=None, backend=None, *args, **kwargs):
+        key = (tuple(sorted(ranks)) if ranks is not None else None, str(backend))
+        if key not in made:
+            made[key] = create(ranks, timeout, backend, *args, **kwargs)
+        return made[key]
+
+    dist.new_group = new_group
 
 
 class WorkerPool:
