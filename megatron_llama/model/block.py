@@ -15,7 +15,8 @@ from .norm import RMSNorm
 
 # Selective recomputation (LLaMA paper, section 2.4): keep what the matrix products
 # produced, recompute the cheap element-wise work (norms, RoPE, SwiGLU) and attention.
-_SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+_SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+              torch.ops.aten._scaled_mm.default}  # the float8 GEMMs of train.precision=fp8
 # TP collectives (the row-parallel all-reduce) are saved too, never re-run in recompute.
 # megatron-core all-reduces the row-parallel matmul output *in place*, and the cached mm
 # output is an alias of that buffer: re-running the all-reduce on it during recompute summed
