@@ -1,0 +1,90 @@
+"""Where one optimizer step of ``mllama-bench``'s configuration spends its GPU time.
+
+    python bench/profile_step.py '{"precision": "fp8"}' --out bench/results/h200-profile-fp8.json
+
+Builds the product engine exactly as ``launch/bench_worker.py`` does (one GPU, defaults:
+llama-7b-8l, seq 2048, 16 x 1), runs warm-up steps, then profiles one step with CUDA activity
+and sorts kernel time into GEMM, attention, optimizer, copies / casts and the rest, against the
+step's wall time (the difference is launch gaps and host work).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CATEGORIES = [  # first match wins; kernel names of cuBLAS / cuDNN / inductor / torch on Hopper
+    ("gemm", ("nvjet", "gemm", "xmma", "cutlass", "sm90_", "scaled_mm", "f8f8")),
+    ("attention", ("flash", "fmha", "cudnn", "sdpa", "attention")),
+    ("optimizer", ("multi_tensor", "adam", "foreach", "l2norm")),
+    ("copies", ("copy", "memcpy", "memset", "cat", "fill")),
+    ("cross_entropy", ("cross_entropy", "log_softmax", "nll")),
+]
+
+
+def _category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other (element-wise, norms, casts)"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("spec", nargs="?", default="{}", help="JSON overrides of the benchmark spec")
+    p.add_argument("--out", required=True)
+    p.add_argument("--warmup", type=int, default=3)
+    args = p.parse_args()
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT", "29571"))
+    from launch.bench_worker import _ours
+    from pipelines.topology import init_distributed
+
+    spec = dict(impl="ours", preset="llama-7b-8l", tp=1, pp=1, dp=1, mbs=16, gas=1, checkpointing="none",
+                seq_len=2048, steps=1, warmup=args.warmup, compile=None, precision="auto", fp8_recipe="tensorwise")
+    spec.update(json.loads(args.spec))
+    device, _ = init_distributed()
+    step = _ours(spec, device)
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels: dict[str, float] = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", 0.0) or getattr(ev, "cuda_time_total", 0.0)
+        if t and ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[ev.key] = kernels.get(ev.key, 0.0) + t / 1e3  # ms
+    cats: dict[str, float] = {}
+    for name, ms in kernels.items():
+        cats[_category(name)] = cats.get(_category(name), 0.0) + ms
+    gpu = sum(kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:30]
+    result = {"spec": spec, "device": torch.cuda.get_device_name(), "wall_ms": wall * 1e3, "gpu_busy_ms": gpu,
+              "idle_ms": wall * 1e3 - gpu, "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+              "top_kernels_ms": [[k[:120], round(v, 2)] for k, v in top],
+              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    print(f"step wall {wall * 1e3:.1f} ms, GPU busy {gpu:.1f} ms")
+    for c, ms in result["categories_ms"].items():
+        print(f"  {c:<36} {ms:8.1f} ms")
+    for k, v in top[:15]:
+        print(f"  {v:8.2f} ms  {k[:100]}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
