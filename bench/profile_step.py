@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 CATEGORIES = [  # first match wins; kernel names of cuBLAS / cuDNN / inductor / torch on Hopper
-    ("gemm", ("nvjet", "gemm", "xmma", "cutlass", "sm90_", "scaled_mm", "f8f8")),
     ("attention", ("flash", "fmha", "cudnn", "sdpa", "attention")),
+    ("gemm", ("nvjet", "gemm", "xmma", "cutlass", "sm90_", "scaled_mm", "f8f8")),
     ("optimizer", ("multi_tensor", "adam", "foreach", "l2norm")),
     ("copies", ("copy", "memcpy", "memset", "cat", "fill")),
     ("cross_entropy", ("cross_entropy", "log_softmax", "nll")),
@@ -65,7 +65,7 @@ def main() -> int:
     kernels: dict[str, float] = {}
     for ev in prof.key_averages():
         t = getattr(ev, "device_time_total", 0.0) or getattr(ev, "cuda_time_total", 0.0)
-        if t and ev.device_type == torch.autograd.DeviceType.CUDA:
+        if t and ev.device_type == torch.autograd.DeviceType.CUDA and "#" not in ev.key:  # not annotations
             kernels[ev.key] = kernels.get(ev.key, 0.0) + t / 1e3  # ms
     cats: dict[str, float] = {}
     for name, ms in kernels.items():

@@ -69,7 +69,9 @@ def _run_one(spec: dict, timeout: float) -> dict:
             return json.loads(out.read_text())
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         err = "out of memory" if "OutOfMemoryError" in (proc.stderr or "") else " | ".join(tail)[-300:]
-        return dict(spec, error=err)
+        lines = [ln for ln in (proc.stderr or "").splitlines() if "Error" in ln or "error:" in ln]
+        return dict(spec, error=(lines[-1][-300:] if lines and err != "out of memory" else err),
+                    stderr_tail=(proc.stderr or "")[-4000:])
 
 
 def _system(r: dict) -> str:

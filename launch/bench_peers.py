@@ -70,7 +70,7 @@ def _torchtitan_args(spec: dict, dump: str) -> list[str]:
             "--training.seq_len", str(spec["seq_len"]), "--training.steps", str(steps),
             "--lr_scheduler.warmup_steps", "1", "--metrics.log_freq", str(10**6),
             "--activation_checkpoint.mode", "full" if spec["checkpointing"] == "full" else "none",
-            "--compile.enable", "--job.dump_folder", dump]
+            "--job.dump_folder", dump] + (["--compile.enable"] if spec.get("compile") is not False else [])
     if spec["impl"].startswith("torchtitan-fp8"):
         recipe = "rowwise" if spec["impl"].endswith("rowwise") else "tensorwise"
         args += ["--model.converters", "quantize.linear.float8", "--quantize.linear.float8.recipe_name", recipe,

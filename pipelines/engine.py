@@ -35,6 +35,7 @@ import torch.distributed as dist
 from megatron_llama.config import RunConfig
 from megatron_llama.model import LMHead, LlamaModel, fp8, lm_loss
 
+from .bf16_grads import fuse_grad_accumulation
 from .compile_policy import use_compile
 from .token_weights import weigh_answer_tokens
 from .topology import ParallelLayout
@@ -133,6 +134,7 @@ class TrainEngine:
             self._gate_client_step(optimizer)  # after LambdaLR, which wraps step() itself
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu, config=ds_conf)
+        self.fused_grad_accumulation = fuse_grad_accumulation(self.optimizer)  # bf16: no fp32 temporaries
         self.grid = self.engine.grid if self.pipelined else mpu
         self.step_gate: Optional[Callable[[float, Optional[float]], bool]] = None
         self._decision: Optional[bool] = None
