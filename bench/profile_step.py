@@ -37,6 +37,22 @@ def _category(name: str) -> str:
     return "other (element-wise, norms, casts)"
 
 
+def _gaps(prof) -> dict:
+    """Idle stretches of the GPU between consecutive kernels: where the host is the bottleneck."""
+    ks = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA and "#" not in e.name)
+    gaps, end, last = [], None, ""
+    for start, stop, name in ks:
+        if end is not None and start > end:
+            gaps.append(((start - end) / 1e3, last, name))
+        if end is None or stop > end:
+            end, last = stop, name
+    gaps.sort(key=lambda g: -g[0])
+    return {"total_ms": sum(g[0] for g in gaps), "count": len(gaps),
+            "over_50us_ms": sum(g[0] for g in gaps if g[0] > 0.05),
+            "largest": [[round(g[0], 3), g[1][:100], g[2][:100]] for g in gaps[:40]]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("spec", nargs="?", default="{}", help="JSON overrides of the benchmark spec")
@@ -76,7 +92,11 @@ def main() -> int:
               "idle_ms": wall * 1e3 - gpu, "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
               "top_kernels_ms": [[k[:120], round(v, 2)] for k, v in top],
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
-    print(f"step wall {wall * 1e3:.1f} ms, GPU busy {gpu:.1f} ms")
+    result["gaps"] = _gaps(prof)
+    print(f"step wall {wall * 1e3:.1f} ms, GPU busy {gpu:.1f} ms, "
+          f"idle between kernels {result['gaps']['total_ms']:.1f} ms")
+    for g in result["gaps"]["largest"][:12]:
+        print(f"  gap {g[0]:7.2f} ms after {g[1][:60]} before {g[2][:60]}")
     for c, ms in result["categories_ms"].items():
         print(f"  {c:<36} {ms:8.1f} ms")
     for k, v in top[:15]:

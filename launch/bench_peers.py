@@ -123,6 +123,7 @@ def torchtitan(spec: dict, device: torch.device):
         losses.append(loss.detach())
         return loss
     trainer.forward_backward_step = forward_backward_step
+    trainer.metrics_processor.should_log = lambda step: False  # its logger needs its own data loader
 
     def step() -> float:
         trainer.step += 1
