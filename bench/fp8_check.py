@@ -9,8 +9,9 @@ relative errors ||fp8 - bf16|| / ||bf16|| of the output and of every gradient; a
 one [M, K] x [K, N] GEMM in bf16 and through torch._scaled_mm (each operand pre-cast).
 
 ``curves``: ``mllama-train configs/tiny-gpu-3d.yaml`` at TP1·PP1·DP1 on the shipped corpus,
-the same seed and batches, in bf16 and fp8 (tensorwise, rowwise), loss logged every step; the
-largest relative loss difference to bf16 after warm-up must stay under 1.5 %.
+the same seed and batches, in bf16 (twice: run-to-run noise) and fp8 (tensorwise, rowwise), loss
+logged every step; reports the largest and mean relative loss difference to bf16 after warm-up
+(the issue asks < 1.5 % at every step).
 """
 from __future__ import annotations
 
@@ -104,7 +105,9 @@ STEP = re.compile(r"step\s+(\d+)/\d+ \| loss ([0-9.]+)")
 
 
 def curves(out: Path, steps: int, warmup: int) -> dict:
-    runs = {"bf16": ["train.precision=bf16"],
+    # bf16-repeat: the same bf16 run again, the noise floor of "the same loss at every step"
+    # (cuDNN attention and embedding backward are not bit-deterministic)
+    runs = {"bf16": ["train.precision=bf16"], "bf16-repeat": ["train.precision=bf16"],
             "fp8-tensorwise": ["train.precision=fp8", "train.fp8_recipe=tensorwise"],
             "fp8-rowwise": ["train.precision=fp8", "train.fp8_recipe=rowwise"]}
     # the config's global batch (32 x 512 tokens at DP1) in one micro-batch; selective recomputation kept
@@ -130,11 +133,11 @@ def curves(out: Path, steps: int, warmup: int) -> dict:
               f"({result['wall_s'][name]} s)", flush=True)
     ref = result["losses"]["bf16"]
     result["max_rel_diff_after_warmup"] = {}
-    for name in ("fp8-tensorwise", "fp8-rowwise"):
+    for name in ("bf16-repeat", "fp8-tensorwise", "fp8-rowwise"):
         diffs = [abs(a - b) / b for a, b in zip(result["losses"][name][warmup:], ref[warmup:])]
         result["max_rel_diff_after_warmup"][name] = max(diffs)
         result["mean_rel_diff_after_warmup_" + name] = sum(diffs) / len(diffs)
-    result["pass_1.5pct"] = all(v < 0.015 for v in result["max_rel_diff_after_warmup"].values())
+    result["pass_1.5pct"] = all(v < 0.015 for k, v in result["max_rel_diff_after_warmup"].items() if k != "bf16-repeat")
     result["device"] = torch.cuda.get_device_name()
     print(json.dumps({k: v for k, v in result.items() if k != "losses"}, indent=1))
     return result
