@@ -58,6 +58,7 @@ def main() -> int:
     p.add_argument("spec", nargs="?", default="{}", help="JSON overrides of the benchmark spec")
     p.add_argument("--out", required=True)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--host", action="store_true", help="also cProfile one step's host side")
     args = p.parse_args()
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("MASTER_PORT", "29571"))
@@ -101,6 +102,21 @@ def main() -> int:
         print(f"  {c:<36} {ms:8.1f} ms")
     for k, v in top[:15]:
         print(f"  {v:8.2f} ms  {k[:100]}")
+    if args.host:  # where the host spends a step (Python), syncs included
+        import cProfile
+        import io
+        import pstats
+        pr = cProfile.Profile()
+        pr.enable()
+        step()
+        torch.cuda.synchronize()
+        pr.disable()
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(45)
+        result["host_profile"] = buf.getvalue()
+        buf2 = io.StringIO()
+        pstats.Stats(pr, stream=buf2).sort_stats("tottime").print_stats(25)
+        print(buf2.getvalue()[-6000:])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

@@ -12,6 +12,7 @@ from megatron_llama.config import ModelConfig
 from .attention import SelfAttention
 from .mlp import SwiGLUMLP
 from .norm import RMSNorm
+from .tp_linear import bind_tp_group
 
 # Selective recomputation (LLaMA paper, section 2.4): keep what the matrix products
 # produced, recompute the cheap element-wise work (norms, RoPE, SwiGLU) and attention.
@@ -92,6 +93,7 @@ class TransformerBlock(torch.nn.Module):
         self.attention = SelfAttention(cfg, mp, tp_group)
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=dtype)
         self.mlp = SwiGLUMLP(cfg, mp, tp_group)
+        bind_tp_group(self)  # one compiled graph per block (tp_linear.py)
 
     def forward(self, x: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
         """``segments`` [b, s]: packed samples, attention kept inside each (document_mask.py)."""

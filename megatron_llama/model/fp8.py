@@ -141,7 +141,7 @@ def convert(model: torch.nn.Module, recipe: str, skip: tuple[type, ...] = ()) ->
     skipped = {id(m) for s in model.modules() if isinstance(s, skip) for m in s.modules()}
     n = 0
     for m in model.modules():
-        if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and id(m) not in skipped:
+        if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and id(m) not in skipped:  # replaces tp_linear's
             m._forward_impl = impl
             n += 1
     return n
