@@ -22,6 +22,8 @@ setup(
         "dev": ["pytest", "pytest-xdist", "hypothesis", "transformers", "safetensors", "matplotlib", "tensorboard"],
         "tensorboard": ["tensorboard"],  # train.tensorboard_dir
         "plot": ["matplotlib"],          # mllama-plot
+        # mllama-bench --baseline torchtitan,torchtitan-fp8 (0.3 needs a newer torch than 2.11)
+        "bench": ["torchtitan==0.2.2", "torchao==0.18.0", "transformers", "matplotlib"],
     },
     entry_points={
         "console_scripts": [

@@ -1,9 +1,11 @@
-"""``mllama-bench``: training throughput of layouts, against a Hugging Face + DeepSpeed baseline.
+"""``mllama-bench``: training throughput of layouts, against the peers a user would pick instead.
 
 Each configuration runs real optimizer steps (forward, backward, ZeRO-1 AdamW) in fresh
 processes (``launch/bench_worker.py`` under torch.distributed.run), warm-up excluded, and
 reports the median step: tokens/s/GPU, model TFLOP/s/GPU, MFU, peak memory per GPU, pipeline
-bubble. Model FLOPs per token = 6 * N_matmul + 12 * L * d * s (megatron_llama/flops.py);
+bubble. ``--baseline`` runs peers (launch/bench_peers.py) in the same call, on the same shape,
+sequence length, tokens per optimizer step and GPUs, each at its best micro-batch; every ratio
+printed and stored names the peer it is against (``ours-bf16 / torchtitan``). Model FLOPs per token = 6 * N_matmul + 12 * L * d * s (megatron_llama/flops.py);
 MFU = TFLOP/s per GPU / peak dense bf16 (A100 312, H100 989, H200 989).
 """
 from __future__ import annotations
@@ -20,6 +22,9 @@ from pathlib import Path
 EPILOG = """examples:
   # one GPU, the 7B block shape cut to 8 layers, 16 sequences per optimizer step, vs HF
   mllama-bench --preset llama-7b-8l --layouts tp1pp1dp1 --mbs 2,4,8 --baseline hf-deepspeed
+  # bf16 and float8 against torchtitan (pip install .[bench]) and compiled HF, same call
+  mllama-bench --mbs 8,16 --precision bf16,fp8 \
+      --baseline hf-deepspeed,hf-compiled,torchtitan,torchtitan-fp8
   # a sweep on 4 GPUs, with selective recomputation as well
   mllama-bench --preset llama-7b --layouts tp1pp1dp4,tp2pp1dp2,tp1pp2dp2 --seqs-per-step 64 \\
       --checkpointing none,selective
@@ -64,12 +69,24 @@ def _run_one(spec: dict, timeout: float) -> dict:
             return json.loads(out.read_text())
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         err = "out of memory" if "OutOfMemoryError" in (proc.stderr or "") else " | ".join(tail)[-300:]
-        return dict(spec, error=err)
+        lines = [ln for ln in (proc.stderr or "").splitlines() if "Error" in ln or "error:" in ln]
+        return dict(spec, error=(lines[-1][-300:] if lines and err != "out of memory" else err),
+                    stderr_tail=(proc.stderr or "")[-4000:])
+
+
+def _system(r: dict) -> str:
+    """``ours-bf16``, ``ours-fp8``, ``ours-fp8-rowwise`` or the peer's name."""
+    if r["impl"] != "ours":
+        return r["impl"]
+    prec = r.get("precision") or "bf16"
+    if prec == "fp8" and r.get("fp8_recipe") == "rowwise":
+        prec = "fp8-rowwise"
+    return f"ours-{'bf16' if prec == 'auto' else prec}"
 
 
 def _row(r: dict) -> str:
-    name = r["impl"] if r["impl"] != "ours" else f"TP{r['tp']}·PP{r['pp']}·DP{r['dp']}"
-    head = f"{name:>14} {r['mbs']:>4} {r['gas']:>4} {r['checkpointing']:>9}"
+    name = _system(r) if r["impl"] != "ours" else f"{_system(r)} TP{r['tp']}·PP{r['pp']}·DP{r['dp']}"
+    head = f"{name:>26} {r['mbs']:>4} {r['gas']:>4} {r['checkpointing']:>9}"
     if "error" in r:
         return f"{head}  {r['error']}"
     mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
@@ -77,7 +94,7 @@ def _row(r: dict) -> str:
             f"{mfu:>6} {r['peak_mem_gib']:>8.1f} {r['bubble']:>6.1%}")
 
 
-HEADER = (f"{'layout':>14} {'mbs':>4} {'gas':>4} {'ckpt':>9} {'step s':>7} {'tok/s/GPU':>10} "
+HEADER = (f"{'system':>26} {'mbs':>4} {'gas':>4} {'ckpt':>9} {'step s':>7} {'tok/s/GPU':>10} "
           f"{'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8} {'bubble':>6}")
 
 
@@ -89,17 +106,46 @@ def _plot(results: list[dict], path: Path) -> bool:
     except ImportError:
         return False
     ok = [r for r in results if "error" not in r]
-    labels = [(r["impl"] if r["impl"] != "ours" else f"tp{r['tp']}pp{r['pp']}dp{r['dp']}")
+    labels = [_system(r) + ("" if r["impl"] != "ours" else f"\ntp{r['tp']}pp{r['pp']}dp{r['dp']}")
               + f"\nmbs{r['mbs']} {r['checkpointing']}" for r in ok]
     fig, ax = plt.subplots(figsize=(max(6, len(ok) * 1.1), 4))
     colors = ["tab:gray" if r["impl"] != "ours" else "tab:blue" for r in ok]
-    ax.bar(range(len(ok)), [r["tflops_per_gpu"] for r in ok], color=colors)
+    bars = ax.bar(range(len(ok)), [r["tflops_per_gpu"] for r in ok], color=colors)
+    ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(range(len(ok)), labels, fontsize=7)
     ax.set_ylabel("model TFLOP/s per GPU")
     ax.set_title(f"{ok[0]['preset']} seq {ok[0]['seq_len']} on {ok[0]['device']}" if ok else "no results")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True
+
+
+def summarize(results: list[dict], cfg) -> dict:
+    """Best run of each system, ours-X / peer ratios (every one named), plan-vs-measured error."""
+    from . import bench_plan
+    ok = [r for r in results if "error" not in r]
+    best: dict[str, dict] = {}
+    for r in ok:
+        if _system(r) not in best or r["tflops_per_gpu"] > best[_system(r)]["tflops_per_gpu"]:
+            best[_system(r)] = r
+    keys = ("impl", "tp", "pp", "dp", "mbs", "gas", "checkpointing", "tflops_per_gpu", "tokens_per_s_per_gpu",
+            "mfu", "peak_mem_gib", "step_s")
+    summary = {"best": {k: {f: b.get(f) for f in keys} for k, b in best.items()}, "ratios": {}}
+    for o in (k for k in best if k.startswith("ours")):
+        for peer in (k for k in best if not k.startswith("ours")):
+            summary["ratios"][f"{o} / {peer}"] = best[o]["tflops_per_gpu"] / best[peer]["tflops_per_gpu"]
+    ours = [r for r in ok if r["impl"] == "ours" and r.get("precision", "bf16") != "fp8"]
+    if ours:
+        name = ours[0]["device"]
+        gpu = bench_plan.GPUS.get("H200" if "H200" in name else "H100" if "H100" in name else "A100")
+        errors = []
+        for r in ours:
+            est = bench_plan.estimate(cfg, gpu, r["tp"], r["pp"], r["dp"], r["mbs"], r["gas"], r["seq_len"],
+                                      r["checkpointing"])
+            r["plan_step_s"], r["plan_mem_gib"] = est.step_s, est.mem_gib
+            errors.append(abs(est.step_s - r["step_s"]) / r["step_s"])
+        summary["plan_step_time_rel_error_max"] = max(errors)
+    return summary
 
 
 def main(argv=None) -> int:
@@ -113,7 +159,11 @@ def main(argv=None) -> int:
     p.add_argument("--checkpointing", default="none", help="comma list of none,selective,full")
     p.add_argument("--steps", type=int, default=6, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
-    p.add_argument("--baseline", choices=["hf-deepspeed"], help="also run HF LlamaForCausalLM + ZeRO-1")
+    p.add_argument("--baseline", default="", help="comma list of peers to run in the same call: "
+                   "hf-deepspeed (HF + ZeRO-1, eager), hf-compiled (each decoder layer compiled), torchtitan, "
+                   "torchtitan-fp8, torchtitan-fp8-rowwise (torchtitan 0.2.2: pip install .[bench])")
+    p.add_argument("--precision", default="bf16", help="comma list for our runs: bf16, fp8 (tensorwise), "
+                   "fp8-rowwise (float8 needs a Hopper GPU)")
     p.add_argument("--no-compile", action="store_true", help="run our blocks eagerly")
     p.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
     p.add_argument("--out", default="bench/results/bench.json", help="JSON results (PNG plot beside it)")
@@ -142,21 +192,35 @@ def main(argv=None) -> int:
         Path(args.out).write_text(json.dumps({"plan": bench_plan.as_dicts(rows)}, indent=1))
         return 0
 
+    from .bench_peers import PEERS
+    peers = [b for b in args.baseline.split(",") if b]
+    precisions = [x for x in args.precision.split(",") if x]
+    for name in peers:
+        if name not in PEERS:
+            print(f"error: --baseline {name}: choose from {', '.join(PEERS)}", file=sys.stderr)
+            return 2
+    for prec in precisions:
+        if prec not in ("bf16", "fp8", "fp8-tensorwise", "fp8-rowwise"):
+            print(f"error: --precision {prec}: choose from bf16, fp8, fp8-rowwise", file=sys.stderr)
+            return 2
     specs = []
     for tp, pp, dp in _layouts(args.layouts):
-        for mode in args.checkpointing.split(","):
-            for mbs in _ints(args.mbs):
-                if args.seqs_per_step % (mbs * dp):
-                    continue
-                specs.append(dict(impl="ours", preset=args.preset, tp=tp, pp=pp, dp=dp, mbs=mbs,
-                                  gas=args.seqs_per_step // (mbs * dp), checkpointing=mode,
-                                  seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
-                                  compile=False if args.no_compile else None))
-    if args.baseline:
-        gpus = max(s["tp"] * s["pp"] * s["dp"] for s in specs)
+        for prec in precisions:
+            for mode in args.checkpointing.split(","):
+                for mbs in _ints(args.mbs):
+                    if args.seqs_per_step % (mbs * dp):
+                        continue
+                    specs.append(dict(impl="ours", preset=args.preset, tp=tp, pp=pp, dp=dp, mbs=mbs,
+                                      gas=args.seqs_per_step // (mbs * dp), checkpointing=mode,
+                                      seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
+                                      compile=False if args.no_compile else None,
+                                      precision="fp8" if prec.startswith("fp8") else "auto",
+                                      fp8_recipe="rowwise" if prec == "fp8-rowwise" else "tensorwise"))
+    gpus = max(s["tp"] * s["pp"] * s["dp"] for s in specs)
+    for name in peers:
         for mbs in _ints(args.mbs):
             if args.seqs_per_step % (mbs * gpus) == 0:
-                specs.append(dict(impl="hf-deepspeed", preset=args.preset, tp=1, pp=1, dp=gpus, mbs=mbs,
+                specs.append(dict(impl=name, preset=args.preset, tp=1, pp=1, dp=gpus, mbs=mbs,
                                   gas=args.seqs_per_step // (mbs * gpus), checkpointing="none",
                                   seq_len=args.seq_len, steps=args.steps, warmup=args.warmup))
 
@@ -169,39 +233,18 @@ def main(argv=None) -> int:
         results.append(r)
         print(_row(r), flush=True)
 
-    ok = [r for r in results if "error" not in r]
-    summary = {}
-    ours = [r for r in ok if r["impl"] == "ours"]
-    base = [r for r in ok if r["impl"] != "ours"]
-    if ours:
-        best = max(ours, key=lambda r: r["tflops_per_gpu"])
-        summary["best"] = {k: best[k] for k in ("tp", "pp", "dp", "mbs", "checkpointing", "tflops_per_gpu",
-                                                "tokens_per_s_per_gpu", "mfu", "peak_mem_gib")}
-        gpu = bench_plan.GPUS.get("H200" if "H200" in best["device"] else "H100" if "H100" in best["device"]
-                                  else "A100")
-        errors = []
-        for r in ours:
-            est = bench_plan.estimate(cfg, gpu, r["tp"], r["pp"], r["dp"], r["mbs"], r["gas"], r["seq_len"],
-                                      r["checkpointing"])
-            r["plan_step_s"], r["plan_mem_gib"] = est.step_s, est.mem_gib
-            errors.append(abs(est.step_s - r["step_s"]) / r["step_s"])
-        summary["plan_step_time_rel_error_max"] = max(errors)
-    if ours and base:
-        b = max(base, key=lambda r: r["tflops_per_gpu"])
-        summary["baseline_best"] = {k: b[k] for k in ("mbs", "tflops_per_gpu", "tokens_per_s_per_gpu",
-                                                      "peak_mem_gib")}
-        summary["ratio_ours_over_baseline"] = summary["best"]["tflops_per_gpu"] / b["tflops_per_gpu"]
+    summary = summarize(results, cfg)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": " ".join(["mllama-bench", *(argv or sys.argv[1:])]),
                                "summary": summary, "results": results}, indent=1))
     plotted = _plot(results, out.with_suffix(".png"))
-    if "best" in summary:
-        b = summary["best"]
-        print(f"best: TP{b['tp']}·PP{b['pp']}·DP{b['dp']} mbs {b['mbs']} {b['checkpointing']}: "
-              f"{b['tflops_per_gpu']:.1f} TFLOP/s/GPU, {b['tokens_per_s_per_gpu']:.0f} tok/s/GPU")
-    if "ratio_ours_over_baseline" in summary:
-        print(f"ours / hf-deepspeed (each at its best micro-batch): {summary['ratio_ours_over_baseline']:.3f}x")
+    for system, b in summary["best"].items():
+        where = f"TP{b['tp']}·PP{b['pp']}·DP{b['dp']} " if system.startswith("ours") else ""
+        print(f"best {system}: {where}mbs {b['mbs']} {b['checkpointing']}: {b['tflops_per_gpu']:.1f} TFLOP/s/GPU, "
+              f"{b['tokens_per_s_per_gpu']:.0f} tok/s/GPU, {b['peak_mem_gib']:.1f} GiB")
+    for name, ratio in summary["ratios"].items():
+        print(f"{name} (each at its best micro-batch): {ratio:.3f}x")
     if "plan_step_time_rel_error_max" in summary:
         print(f"analytic plan vs measured step time: max relative error {summary['plan_step_time_rel_error_max']:.1%}")
     print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if plotted else ""))

@@ -5,8 +5,8 @@ srun): real optimizer steps (forward, backward, ZeRO-1 AdamW) on synthetic token
 excluded. Every rank times every step; the step time of a configuration is the slowest
 rank's, and rank 0 writes the aggregate to OUT_JSON.
 
-SPEC: {"impl": "ours"|"hf-deepspeed", "preset", "tp", "pp", "dp", "mbs", "gas",
-       "checkpointing", "seq_len", "steps", "warmup", "compile"}
+SPEC: {"impl": "ours" or a peer of launch/bench_peers.py, "preset", "tp", "pp", "dp", "mbs", "gas",
+       "checkpointing", "seq_len", "steps", "warmup", "compile", "precision", "fp8_recipe"}
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def _run_config(spec: dict):
         parallel=ParallelConfig(tp=spec["tp"], pp=spec["pp"], dp=spec["dp"],
                                 activation_checkpointing=spec["checkpointing"]),
         train=TrainConfig(steps=spec["warmup"] + spec["steps"], micro_batch_size=spec["mbs"],
-                          grad_accum_steps=spec["gas"], warmup_steps=1, compile=spec.get("compile")),
+                          grad_accum_steps=spec["gas"], warmup_steps=1, compile=spec.get("compile"),
+                          precision=spec.get("precision", "auto"), fp8_recipe=spec.get("fp8_recipe") or "tensorwise"),
         data=DataConfig(seq_len=spec["seq_len"], synthetic=True))
 
 
@@ -50,44 +51,6 @@ def _ours(spec: dict, device: torch.device):
     return step
 
 
-def _hf_deepspeed(spec: dict, device: torch.device):
-    """The baseline users compare with: HF LlamaForCausalLM (SDPA) + DeepSpeed ZeRO-1 over DP."""
-    import deepspeed
-    import transformers
-
-    from megatron_llama.config import preset
-    from megatron_llama.data import MicroBatchIterator
-    from megatron_llama.data.build import SyntheticDataset
-    from megatron_llama.model.hf_mapping import hf_config_kwargs
-
-    cfg = preset(spec["preset"], max_seq_len=max(spec["seq_len"], 2048))
-    hcfg = transformers.LlamaConfig(**hf_config_kwargs(cfg), attn_implementation="sdpa")
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(hcfg).to(torch.bfloat16)
-    if spec["checkpointing"] == "full":
-        model.gradient_checkpointing_enable()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    world = dist.get_world_size()
-    ds = {"train_micro_batch_size_per_gpu": spec["mbs"], "gradient_accumulation_steps": spec["gas"],
-          "train_batch_size": spec["mbs"] * spec["gas"] * world, "gradient_clipping": 1.0,
-          "bf16": {"enabled": True}, "zero_optimization": {"stage": 1}, "steps_per_print": 10**9}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
-    data = SyntheticDataset(spec["seq_len"], cfg.vocab_size, 1234)
-    batches = iter(MicroBatchIterator(data, 1234, 0, dist.get_rank(), world, spec["mbs"]))
-
-    def step() -> float:
-        total = 0.0
-        for _ in range(spec["gas"]):
-            tokens, labels = next(batches)
-            logits = engine(tokens.to(device)).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten())
-            engine.backward(loss)
-            engine.step()
-            total += loss.detach()
-        return float(total) / spec["gas"]
-    return step
-
-
 def run(spec: dict) -> dict:
     """Time one configuration on the current distributed world; every rank returns the aggregate."""
     from megatron_llama.flops import mfu, model_tflops_per_gpu, peak_tflops
@@ -99,7 +62,12 @@ def run(spec: dict) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = dict(spec, world_size=world, device=name)
     try:
-        step = (_hf_deepspeed if spec["impl"] == "hf-deepspeed" else _ours)(spec, device)
+        if spec["impl"] == "ours":
+            step = _ours(spec, device)
+        else:
+            from .bench_peers import build
+            step = build(spec, device)
+        result["peer_config"] = getattr(step, "config", None)
         times, loss = [], float("nan")
         for i in range(spec["warmup"] + spec["steps"]):
             if device.type == "cuda":
@@ -131,6 +99,8 @@ def run(spec: dict) -> dict:
                       bubble=(spec["pp"] - 1) / (spec["gas"] + spec["pp"] - 1))
     except torch.OutOfMemoryError:
         result["error"] = "out of memory"
+    except ImportError as e:  # an optional peer (torchtitan: pip install .[bench]) is missing
+        result["error"] = f"{e.name or e} is not installed (pip install .[bench])"
     return result
 
 

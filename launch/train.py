@@ -335,6 +335,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     in_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     try:
         cfg = load_config(args.config, args.overrides)
+        if cfg.train.precision == "fp8":  # refuse before any process starts
+            from megatron_llama.model import fp8
+            fp8.check_supported()
         if not in_launcher:
             n = processes_needed(cfg)
             validate_layout(cfg, n)

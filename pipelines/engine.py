@@ -33,8 +33,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_llama.config import RunConfig
-from megatron_llama.model import LlamaModel, lm_loss
+from megatron_llama.model import LMHead, LlamaModel, fp8, lm_loss
 
+from .bf16_grads import fuse_grad_accumulation
 from .compile_policy import use_compile
 from .token_weights import weigh_answer_tokens
 from .topology import ParallelLayout
@@ -43,7 +44,7 @@ from .topology import ParallelLayout
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    return torch.bfloat16 if precision in ("bf16", "fp8") else torch.float32  # fp8: bf16 outside the GEMMs
 
 
 def deepspeed_config(cfg: RunConfig, dp: int, dtype: torch.dtype) -> dict:
@@ -110,6 +111,8 @@ class TrainEngine:
         self.cfg, self.layout, self.device = cfg, layout, device
         self.dtype = dtype or resolve_dtype(cfg.train.precision, device)
         self.pipelined = layout.pp > 1
+        if cfg.train.precision == "fp8":
+            fp8.check_supported(device)
         ds_conf = deepspeed_config(cfg, layout.dp, self.dtype)
         # DeepSpeed prints banners from rank 0 (topology, seeds); keep the trainer's output readable.
         mute = contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
@@ -124,11 +127,14 @@ class TrainEngine:
                 mpu = PipelineParallelGrid(topology=topology)
             if init_weights is not None:  # before DeepSpeed copies the weights into its fp32 masters
                 init_weights(model)
+            if cfg.train.precision == "fp8":  # float8 GEMMs in the blocks' TP layers, LM head in bf16
+                fp8.convert(model, cfg.train.fp8_recipe, skip=(LMHead,))
             optimizer = build_optimizer(model, cfg, device)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
             self._gate_client_step(optimizer)  # after LambdaLR, which wraps step() itself
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu, config=ds_conf)
+        self.fused_grad_accumulation = fuse_grad_accumulation(self.optimizer)  # bf16: no fp32 temporaries
         self.grid = self.engine.grid if self.pipelined else mpu
         self.step_gate: Optional[Callable[[float, Optional[float]], bool]] = None
         self._decision: Optional[bool] = None

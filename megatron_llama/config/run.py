@@ -9,7 +9,8 @@ from .model import ModelConfig
 
 CHECKPOINT_MODES = ("none", "selective", "full")
 PARTITION_METHODS = ("bloom", "uniform", "parameters", "cost")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32", "fp8")
+FP8_RECIPES = ("tensorwise", "rowwise")
 SPIKE_ACTIONS = ("warn", "skip", "rollback")
 
 
@@ -117,6 +118,7 @@ class TrainConfig:
     spike_window: int = 50
     spike_warmup: int = 20
     spike_max_in_row: int = 5  # this many skipped / rolled-back steps in a row: stop, exit status 4
+    fp8_recipe: str = "tensorwise"  # precision=fp8: float8 scaling, tensorwise or rowwise
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval", "eval_iters",
@@ -125,6 +127,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise ConfigError(f"train.fp8_recipe={self.fp8_recipe!r}: choose one of {', '.join(FP8_RECIPES)}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.lr <= 0:

@@ -12,10 +12,12 @@ from megatron_llama.config import ModelConfig
 from .attention import SelfAttention
 from .mlp import SwiGLUMLP
 from .norm import RMSNorm
+from .tp_linear import bind_tp_group
 
 # Selective recomputation (LLaMA paper, section 2.4): keep what the matrix products
 # produced, recompute the cheap element-wise work (norms, RoPE, SwiGLU) and attention.
-_SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+_SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+              torch.ops.aten._scaled_mm.default}  # the float8 GEMMs of train.precision=fp8
 # TP collectives (the row-parallel all-reduce) are saved too, never re-run in recompute.
 # megatron-core all-reduces the row-parallel matmul output *in place*, and the cached mm
 # output is an alias of that buffer: re-running the all-reduce on it during recompute summed
@@ -91,6 +93,7 @@ class TransformerBlock(torch.nn.Module):
         self.attention = SelfAttention(cfg, mp, tp_group)
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=dtype)
         self.mlp = SwiGLUMLP(cfg, mp, tp_group)
+        bind_tp_group(self)  # one compiled graph per block (tp_linear.py)
 
     def forward(self, x: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
         """``segments`` [b, s]: packed samples, attention kept inside each (document_mask.py)."""

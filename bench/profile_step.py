@@ -1,0 +1,126 @@
+"""Where one optimizer step of ``mllama-bench``'s configuration spends its GPU time.
+
+    python bench/profile_step.py '{"precision": "fp8"}' --out bench/results/h200-profile-fp8.json
+
+Builds the product engine exactly as ``launch/bench_worker.py`` does (one GPU, defaults:
+llama-7b-8l, seq 2048, 16 x 1), runs warm-up steps, then profiles one step with CUDA activity
+and sorts kernel time into GEMM, attention, optimizer, copies / casts and the rest, against the
+step's wall time (the difference is launch gaps and host work).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CATEGORIES = [  # first match wins; kernel names of cuBLAS / cuDNN / inductor / torch on Hopper
+    ("attention", ("flash", "fmha", "cudnn", "sdpa", "attention")),
+    ("gemm", ("nvjet", "gemm", "xmma", "cutlass", "sm90_", "scaled_mm", "f8f8")),
+    ("optimizer", ("multi_tensor", "adam", "foreach", "l2norm")),
+    ("copies", ("copy", "memcpy", "memset", "cat", "fill")),
+    ("cross_entropy", ("cross_entropy", "log_softmax", "nll")),
+]
+
+
+def _category(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other (element-wise, norms, casts)"
+
+
+def _gaps(prof) -> dict:
+    """Idle stretches of the GPU between consecutive kernels: where the host is the bottleneck."""
+    ks = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                if e.device_type == torch.autograd.DeviceType.CUDA and "#" not in e.name)
+    gaps, end, last = [], None, ""
+    for start, stop, name in ks:
+        if end is not None and start > end:
+            gaps.append(((start - end) / 1e3, last, name))
+        if end is None or stop > end:
+            end, last = stop, name
+    gaps.sort(key=lambda g: -g[0])
+    return {"total_ms": sum(g[0] for g in gaps), "count": len(gaps),
+            "over_50us_ms": sum(g[0] for g in gaps if g[0] > 0.05),
+            "largest": [[round(g[0], 3), g[1][:100], g[2][:100]] for g in gaps[:40]]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("spec", nargs="?", default="{}", help="JSON overrides of the benchmark spec")
+    p.add_argument("--out", required=True)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--host", action="store_true", help="also cProfile one step's host side")
+    args = p.parse_args()
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=os.environ.get("MASTER_PORT", "29571"))
+    from launch.bench_worker import _ours
+    from pipelines.topology import init_distributed
+
+    spec = dict(impl="ours", preset="llama-7b-8l", tp=1, pp=1, dp=1, mbs=16, gas=1, checkpointing="none",
+                seq_len=2048, steps=1, warmup=args.warmup, compile=None, precision="auto", fp8_recipe="tensorwise")
+    spec.update(json.loads(args.spec))
+    device, _ = init_distributed()
+    step = _ours(spec, device)
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels: dict[str, float] = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", 0.0) or getattr(ev, "cuda_time_total", 0.0)
+        if t and ev.device_type == torch.autograd.DeviceType.CUDA and "#" not in ev.key:  # not annotations
+            kernels[ev.key] = kernels.get(ev.key, 0.0) + t / 1e3  # ms
+    cats: dict[str, float] = {}
+    for name, ms in kernels.items():
+        cats[_category(name)] = cats.get(_category(name), 0.0) + ms
+    gpu = sum(kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:30]
+    result = {"spec": spec, "device": torch.cuda.get_device_name(), "wall_ms": wall * 1e3, "gpu_busy_ms": gpu,
+              "idle_ms": wall * 1e3 - gpu, "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+              "top_kernels_ms": [[k[:120], round(v, 2)] for k, v in top],
+              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    result["gaps"] = _gaps(prof)
+    print(f"step wall {wall * 1e3:.1f} ms, GPU busy {gpu:.1f} ms, "
+          f"idle between kernels {result['gaps']['total_ms']:.1f} ms")
+    for g in result["gaps"]["largest"][:12]:
+        print(f"  gap {g[0]:7.2f} ms after {g[1][:60]} before {g[2][:60]}")
+    for c, ms in result["categories_ms"].items():
+        print(f"  {c:<36} {ms:8.1f} ms")
+    for k, v in top[:15]:
+        print(f"  {v:8.2f} ms  {k[:100]}")
+    if args.host:  # where the host spends a step (Python), syncs included
+        import cProfile
+        import io
+        import pstats
+        pr = cProfile.Profile()
+        pr.enable()
+        step()
+        torch.cuda.synchronize()
+        pr.disable()
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(45)
+        result["host_profile"] = buf.getvalue()
+        buf2 = io.StringIO()
+        pstats.Stats(pr, stream=buf2).sort_stats("tottime").print_stats(25)
+        print(buf2.getvalue()[-6000:])
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
