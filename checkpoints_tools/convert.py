@@ -12,6 +12,9 @@ Examples::
     # Meta's original consolidated.NN.pth + params.json -> native
     mllama-convert meta-to-native llama-2-7b/ ckpt/llama2-7b-tp1 --tp 1 --pp 1 --tokenizer llama-2-7b/tokenizer.model
 
+    # continue a run at another layout, with its optimizer state (then train.save_dir=OUT)
+    mllama-convert reshard runs/7b runs/7b-tp4 --tp 4 --pp 1 --dp 2
+
     mllama-convert inspect runs/tiny-cpu-3d          # format, layout, step, tensors; loads nothing
     mllama-convert verify runs/tiny-cpu-3d hf/tiny   # same fixed tokens through both: max |diff|, KL
 
@@ -70,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=_DTYPES, default="bf16", help="dtype of the exported weights (default bf16)")
     p.add_argument("--weights", choices=("module", "masters"), default="module",
                    help="module: the module weights DeepSpeed saved (bf16 on GPU runs, fp32 on CPU runs), cast to "
-                        "--dtype. masters: the fp32 master weights from the ZeRO optimizer files rounded to --dtype "
-                        "(not yet: comes with `mllama-convert reshard`; needed for ZeRO-3 checkpoints)")
+                        "--dtype. masters: the fp32 master weights from the ZeRO-1/2 optimizer files rounded to "
+                        "--dtype")
     p.add_argument("--tokenizer", help="tokenizer.model to export (default: the one the run used, from run.json)")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (default 2GB)")
     _common(p)
@@ -88,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer.model (Meta ships it next to the model directory)")
     p.add_argument("--vocab-size", type=int, default=None, help="when params.json says vocab_size -1 (LLaMA-1)")
     _common(p)
+
+    from .reshard import EXAMPLES as reshard_examples, add_arguments as reshard_arguments
+    p = sub.add_parser("reshard", help="native checkpoint -> another TP x PP x DP with its optimizer state",
+                       description="Continue a run at another layout: the fp32 master weights, Adam moments and "
+                       "step count, LR schedule and consumed samples of a ZeRO-1/2 checkpoint, for a new run with "
+                       "train.save_dir=OUT (global batch kept).", epilog=reshard_examples,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    reshard_arguments(p)
 
     p = sub.add_parser("inspect", help="what a checkpoint directory holds, without loading tensors",
                        epilog="example: mllama-convert inspect runs/tiny-cpu-3d --tensors")
@@ -111,6 +122,9 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     _quiet_libraries()
+    if args.command == "reshard":
+        from .reshard import run
+        return run(args)
     from . import commands
     try:
         return commands.run(args)

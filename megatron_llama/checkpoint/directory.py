@@ -19,7 +19,8 @@ A checkpoint is *complete* when its directory has its final name and a ``run.jso
 point leaves either the previous ``latest`` or the new one, both complete. :func:`latest` trusts
 ``latest`` when it names a complete checkpoint (so pointing it at an older one rolls back), and
 otherwise takes the newest complete directory. A checkpoint can only be resumed with the same
-TP, PP and DP (DeepSpeed does not reshard); the error says so.
+TP, PP and DP (DeepSpeed does not reshard); the error says so. ``mllama-convert reshard`` writes a
+checkpoint for another layout (``resharded.py``), which :func:`resume` loads like any other.
 
 The functions also work without torch.distributed (one process; unit tests).
 """
@@ -164,11 +165,16 @@ def resume(engine, layout, save_dir: str) -> tuple[int, int]:
     info = latest(save_dir)
     if info is None:
         return 0, 0
+    root = Path(save_dir)
     saved = info["layout"]
     if (saved["tp"], saved["pp"], saved["dp"]) != (layout.tp, layout.pp, layout.dp):
         raise ConfigError(f"checkpoint {save_dir}/{info['tag']} was saved with TP{saved['tp']}·PP{saved['pp']}"
-                          f"·DP{saved['dp']} but this run is {layout.describe()}: resume with the same layout "
+                          f"·DP{saved['dp']} but this run is {layout.describe()}: resume with the same layout, "
+                          f"convert it (mllama-convert reshard {save_dir} NEW_DIR --tp T --pp P --dp D) "
                           "or set train.save_dir to a new directory")
+    if info.get("format") == "resharded":  # written by `mllama-convert reshard` for this layout
+        from .resharded import load_into_engine
+        return load_into_engine(engine, layout, root / info["tag"], info)
     state = engine.load(save_dir, tag=info["tag"])
     if state is None:
         raise ConfigError(f"could not load checkpoint {save_dir}/{info['tag']}: delete it or set a new train.save_dir")

@@ -1,0 +1,237 @@
+"""Read the ZeRO optimizer state of a native checkpoint per parameter, as full TP = 1 tensors.
+
+A native checkpoint (``stepN/`` written by training, see ``directory.py``) holds, for every
+model-parallel rank ``mp = pp_stage * tp + tp_rank`` (DeepSpeed's numbering):
+
+* ``mp_rank_{mp:02d}_model_states.pt``: ``param_shapes`` (per optimizer group, the ordered names
+  and TP-shard shapes of this rank's parameters), the LR scheduler state, DeepSpeed's counters;
+* ``zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt`` for every DP rank: that rank's slice of
+  each group's flat fp32 master buffer and of the Adam moments over it, plus
+  ``param_slice_mappings`` (per group, name -> ``(start, numel)`` of the piece of each parameter
+  that falls into this DP rank's slice; ZeRO-1 and ZeRO-2 write the same format).
+
+A parameter's TP shard is the concatenation, in DP rank order, of its pieces; its full tensor
+is ``layout.unshard`` of its TP shards (replicated ones, e.g. norms, are taken from TP rank 0).
+Vocabulary rows past ``vocab_size`` (TP padding) are dropped, so what comes out does not depend
+on the layout it was saved with.
+
+Streaming: files are opened with ``torch.load(mmap=True)`` one pipeline stage at a time and one
+parameter is assembled at a time. Names are the global names of ``params.py``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from megatron_llama.config import ConfigError, RunConfig
+from megatron_llama.config.load import config_from_dict
+from megatron_llama.model.layout import unshard
+
+from .directory import META, latest
+from .params import ParamInfo, param_table
+
+MASTER = "fp32"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+STATE_KEYS = (MASTER,) + MOMENTS
+
+
+@dataclass
+class NativeCheckpoint:
+    """A complete native checkpoint directory and what its ``run.json`` says about it."""
+
+    path: Path                 # the stepN directory
+    meta: dict                 # run.json
+    cfg: RunConfig             # the run's resolved config
+    tp: int
+    pp: int
+    dp: int
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    @property
+    def consumed_samples(self) -> int:
+        return int(self.meta["consumed_samples"])
+
+    def model_file(self, mp: int) -> Path:
+        return self.path / f"mp_rank_{mp:02d}_model_states.pt"
+
+    def optim_file(self, dp: int, mp: int) -> Path:
+        return self.path / f"zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt"
+
+
+def open_native(path: str | Path) -> NativeCheckpoint:
+    """A run directory (its newest complete checkpoint) or a ``stepN`` directory; checks that
+    every shard the layout needs is there. Raises ConfigError saying what is wrong."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"{p} is not a directory: pass a run directory (train.save_dir) or one of its stepN/")
+    if not (p / META).is_file():
+        info = latest(str(p))
+        if info is None:
+            raise ConfigError(f"{p} is not a native checkpoint (no {META} in it or in a stepN/ below it): "
+                              "pass a directory written by mllama-train")
+        p = p / info["tag"]
+    try:
+        meta = json.loads((p / META).read_text())
+        layout, cfg = meta["layout"], config_from_dict(meta["config"])
+        tp, pp, dp = int(layout["tp"]), int(layout["pp"]), int(layout["dp"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{p / META} is damaged or not ours ({type(e).__name__}: {e}): "
+                          "pass a checkpoint written by mllama-train") from None
+    if meta.get("format") == "resharded":
+        raise ConfigError(f"{p} is a resharded store, not a native checkpoint: resume training from it "
+                          "(train.save_dir) and reshard one of that run's checkpoints")
+    ckpt = NativeCheckpoint(p, meta, cfg, tp, pp, dp)
+    missing = [f.name for mp in range(tp * pp)
+               for f in [ckpt.model_file(mp)] + [ckpt.optim_file(d, mp) for d in range(dp)] if not f.is_file()]
+    if missing:
+        raise ConfigError(f"checkpoint {p} is incomplete: {len(missing)} shard(s) missing, e.g. "
+                          f"{', '.join(missing[:3])}; use another checkpoint of the run")
+    return ckpt
+
+
+def _load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable shard is one clear error
+        raise ConfigError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}):"
+                          " the file is damaged; use another checkpoint of the run") from None
+
+
+class _StageShards:
+    """Every file of one pipeline stage (all TP x DP ranks), memory-mapped."""
+
+    def __init__(self, ckpt: NativeCheckpoint, stage: int):
+        self.ckpt = ckpt
+        self.tp_ranks = []  # per TP rank: (name -> (group, shape), [per DP rank optimizer dict])
+        for t in range(ckpt.tp):
+            mp = stage * ckpt.tp + t
+            model = _load(ckpt.model_file(mp))
+            shapes = model.get("param_shapes")
+            if not shapes:
+                raise ConfigError(f"{ckpt.model_file(mp)} has no param_shapes (DeepSpeed metadata missing): "
+                                  "it cannot be resharded")
+            where = {name: (g, tuple(shape)) for g, group in enumerate(shapes) for name, shape in group.items()}
+            optim = []
+            for d in range(ckpt.dp):
+                sd = _load(ckpt.optim_file(d, mp)).get("optimizer_state_dict", {})
+                if "param_slice_mappings" not in sd or "base_optimizer_state" not in sd:
+                    raise ConfigError(f"{ckpt.optim_file(d, mp)} has no ZeRO param_slice_mappings / optimizer "
+                                      "state (saved without ZeRO stage 1 or 2?): it cannot be resharded")
+                optim.append(sd)
+            self.tp_ranks.append((where, optim, model))
+
+    def names(self) -> list[str]:
+        return list(self.tp_ranks[0][0])
+
+    def shard(self, name: str, tp_rank: int, key: str) -> torch.Tensor:
+        """TP rank ``tp_rank``'s shard of ``name`` (master or a moment), fp32, its TP shape."""
+        where, optim, _ = self.tp_ranks[tp_rank]
+        if name not in where:
+            raise ConfigError(f"{self.ckpt.path}: TP rank {tp_rank} has no parameter {name}")
+        group, shape = where[name]
+        pieces = []
+        for d, sd in enumerate(optim):
+            frag = sd["param_slice_mappings"][group].get(name)
+            if frag is None:
+                continue
+            flat = (sd["single_partition_of_fp32_groups"][group] if key == MASTER
+                    else sd["base_optimizer_state"]["state"][group][key])
+            pieces.append(flat.narrow(0, frag.start, frag.numel))
+        out = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
+        if out.numel() != torch.Size(shape).numel():
+            raise ConfigError(f"{self.ckpt.path}: {name} has {out.numel()} elements in its ZeRO pieces, "
+                              f"expected {tuple(shape)}: the checkpoint is damaged")
+        return out.view(shape)
+
+    def steps(self) -> set[int]:
+        return {int(s["step"]) for _, optim, _ in self.tp_ranks for sd in optim
+                for s in sd["base_optimizer_state"]["state"].values()}
+
+
+def _table_by_stage(ckpt: NativeCheckpoint) -> dict[str, ParamInfo]:
+    """Name used inside the checkpoint -> parameter table row (PipelineModule names when PP > 1)."""
+    table = param_table(ckpt.cfg.model, ckpt.tp)
+    return {(p.pipe_name if ckpt.pp > 1 else p.name): p for p in table}
+
+
+def iter_param_states(ckpt: NativeCheckpoint, keys: tuple[str, ...] = STATE_KEYS
+                      ) -> Iterator[tuple[ParamInfo, dict[str, torch.Tensor]]]:
+    """``(row, {key: full fp32 tensor})`` for every parameter in pipeline order, vocabulary padding
+    dropped. ``keys``: ``"fp32"`` (the master weights), ``"exp_avg"``, ``"exp_avg_sq"``."""
+    by_name = _table_by_stage(ckpt)
+    order = {name: i for i, name in enumerate(by_name)}
+    seen = set()
+    vocab = ckpt.cfg.model.vocab_size
+    for stage in range(ckpt.pp):
+        shards = _StageShards(ckpt, stage)
+        for t in range(1, ckpt.tp):
+            if set(shards.tp_ranks[t][0]) != set(shards.names()):
+                raise ConfigError(f"{ckpt.path}: TP ranks of stage {stage} hold different parameters")
+        unknown = [n for n in shards.names() if n not in by_name]
+        if unknown:
+            raise ConfigError(f"{ckpt.path}: unexpected tensor {unknown[0]} (not a parameter of "
+                              f"{ckpt.cfg.model.name or 'this model'})")
+        # DeepSpeed orders them by optimizer group; yield them in pipeline (table) order
+        for name in sorted(shards.names(), key=order.__getitem__):
+            row = by_name[name]
+            out = {}
+            for key in keys:
+                ranks = range(1 if row.split == "replicated" else ckpt.tp)
+                full = unshard([shards.shard(name, t, key) for t in ranks], row.split)
+                if tuple(full.shape) != row.shape:
+                    raise ConfigError(f"{ckpt.path}: {row.name} has shape {tuple(full.shape)}, the config says "
+                                      f"{row.shape}: the checkpoint does not match its run.json")
+                out[key] = full[:vocab] if row.vocab_rows else full
+            seen.add(name)
+            yield row, out
+        del shards
+    missing = sorted(set(by_name) - seen)
+    if missing:
+        raise ConfigError(f"{ckpt.path}: missing {len(missing)} parameter(s), e.g. {', '.join(missing[:3])}")
+
+
+def iter_fp32_masters(ckpt_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(global name, full fp32 master weight)`` of every parameter, one at a time, vocabulary
+    padding dropped (e.g. for ``native-to-hf --weights masters``)."""
+    for row, states in iter_param_states(open_native(ckpt_dir), keys=(MASTER,)):
+        yield row.name, states[MASTER]
+
+
+def read_trainer_state(ckpt: NativeCheckpoint) -> dict:
+    """Everything besides the tensors that a resumed run needs (JSON-serialisable): the optimizer's
+    step count, its param-group hyper-parameters, the LR scheduler state, DeepSpeed's counters."""
+    model = _load(ckpt.model_file(0))
+    optim = _load(ckpt.optim_file(0, 0))["optimizer_state_dict"]["base_optimizer_state"]
+    steps = set()
+    for stage in range(ckpt.pp):
+        for t in range(ckpt.tp):
+            for d in range(ckpt.dp):
+                sd = _load(ckpt.optim_file(d, stage * ckpt.tp + t))["optimizer_state_dict"]
+                steps |= {int(s["step"]) for s in sd["base_optimizer_state"]["state"].values()}
+    if len(steps) != 1:
+        raise ConfigError(f"{ckpt.path}: optimizer step counts disagree across shards ({sorted(steps)}): "
+                          "the checkpoint is damaged")
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+              for g in optim["param_groups"]]
+    return {"optimizer_step": steps.pop(), "param_groups": groups,
+            "lr_scheduler": model.get("lr_scheduler"), "global_steps": int(model.get("global_steps", ckpt.step)),
+            "global_samples": int(model.get("global_samples", ckpt.consumed_samples)),
+            "skipped_steps": int(model.get("skipped_steps", 0))}
+
+
+def optimizer_step(ckpt_dir: str | Path) -> int:
+    """The Adam step count stored in a native checkpoint (tests, ``inspect``)."""
+    return read_trainer_state(open_native(ckpt_dir))["optimizer_step"]
+
+
+def zero_stage_of(ckpt: NativeCheckpoint) -> Optional[int]:
+    sd = _load(ckpt.optim_file(0, 0)).get("optimizer_state_dict", {})
+    stage = sd.get("zero_stage")
+    return int(stage) if stage is not None else None

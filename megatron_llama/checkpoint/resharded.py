@@ -1,0 +1,176 @@
+"""The resharded store: a layout-free checkpoint that a run at any TP x PP x DP resumes from.
+
+``mllama-convert reshard`` writes it as an ordinary checkpoint directory of a run (``stepN/``
+with ``run.json``, ``latest``), so the new run simply uses ``train.save_dir=OUT``::
+
+    stepN/run.json                 "format": "resharded", the NEW layout, step, consumed samples
+    stepN/trainer_state.json       Adam step count, param-group hyper-parameters, LR scheduler
+    stepN/layer_LLL.safetensors    per pipeline layer, for each parameter (global name, full
+                                   TP = 1 shape, vocabulary unpadded, fp32):
+                                   ``fp32/<name>``, ``exp_avg/<name>``, ``exp_avg_sq/<name>``
+
+Loading (:func:`load_into_engine`, every rank of the new run, called by ``directory.resume``):
+each rank builds the optimizer state that torch's Adam would have after ``step`` steps, then
+sets the slices it owns through DeepSpeed's public ``safe_set_full_fp32_param`` /
+``safe_set_full_optimizer_state`` (which know where ZeRO-1/2 put each parameter's piece on
+this DP rank), copies the module weights, and restores the LR scheduler. Vocabulary rows
+beyond ``vocab_size`` are re-padded with zeros (weights and moments) for the new TP size.
+The run's next checkpoint is a native one again.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from megatron_llama.config import ConfigError
+from megatron_llama.model.layout import shard
+
+from .directory import META
+from .optimizer_state import STATE_KEYS, MASTER
+from .params import param_index
+
+FORMAT = "resharded"
+TRAINER_STATE = "trainer_state.json"
+
+
+def layer_file(layer: int) -> str:
+    return f"layer_{layer:03d}.safetensors"
+
+
+def store_key(key: str, name: str) -> str:
+    return f"{key}/{name}"
+
+
+def _adam_state(optimizer, step: int) -> None:
+    """Give every flat fp32 partition the state torch's Adam(W) keeps (zeros for now), so that
+    DeepSpeed's fragment views can be linked to it before the first step."""
+    base = optimizer.optimizer  # the client torch optimizer inside DeepSpeed's ZeRO wrapper
+    for group in base.param_groups:
+        if group.get("amsgrad"):
+            raise ConfigError("resuming a resharded checkpoint with amsgrad is not supported")
+        on_device = group.get("fused") or group.get("capturable")
+        for p in group["params"]:
+            base.state[p] = {"step": torch.tensor(float(step), dtype=torch.float32,
+                                                  device=p.device if on_device else "cpu"),
+                             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                             "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+    # DeepSpeed links each parameter's fragment to the optimizer state lazily, after the first
+    # step; link it now to the state made above (the same call its universal-checkpoint loader makes).
+    optimizer._hp_optimizer_states_linked = False
+    optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _global_names(module, pipelined: bool, cfg_model, tp: int) -> dict[str, str]:
+    """Local parameter name -> global name (PipelineModule names are ``{layer}.{local}``)."""
+    index = param_index(cfg_model, tp)
+    by_pipe = {p.pipe_name: p.name for p in index.values()}
+    out = {}
+    for local, _ in module.named_parameters():
+        name = by_pipe.get(local) if pipelined else (local if local in index else None)
+        if name is None:
+            raise ConfigError(f"model parameter {local} is not in the parameter table")
+        out[local] = name
+    return out
+
+
+@torch.no_grad()
+def load_into_engine(engine, layout, step_dir: Path, info: dict) -> tuple[int, int]:
+    """Set this rank's model weights, fp32 masters, Adam moments and step count, and the LR
+    scheduler, from a resharded store; returns ``(step, consumed_samples)``.
+
+    ``engine`` is ``pipelines.engine.TrainEngine`` (duck-typed: the library does not import it).
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from safetensors import safe_open
+
+    cfg = engine.cfg
+    state = json.loads((step_dir / TRAINER_STATE).read_text())
+    ds, optimizer = engine.engine, engine.optimizer
+    if not hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        raise ConfigError(f"resuming the resharded checkpoint {step_dir} needs ZeRO stage 1 or 2 "
+                          f"(parallel.zero_stage={cfg.parallel.zero_stage}): set parallel.zero_stage=1")
+    _adam_state(optimizer, state["optimizer_step"])
+    module = ds.module
+    names = _global_names(module, engine.pipelined, cfg.model, layout.tp)
+    rows = param_index(cfg.model, layout.tp)
+    files = {}
+    try:
+        for local, param in module.named_parameters():
+            row = rows[names[local]]
+            path = step_dir / layer_file(row.layer)
+            if path not in files:
+                if not path.is_file():
+                    raise ConfigError(f"resharded checkpoint {step_dir} has no {path.name}: reshard again")
+                files[path] = safe_open(str(path), framework="pt")
+            f = files[path]
+            for key in STATE_KEYS:
+                k = store_key(key, row.name)
+                if k not in f.keys():
+                    raise ConfigError(f"resharded checkpoint {step_dir}: {path.name} has no tensor {k}")
+                full = f.get_tensor(k)
+                if row.vocab_rows and full.shape[0] < row.shape[0]:  # re-pad for this TP size
+                    full = torch.cat([full, full.new_zeros(row.shape[0] - full.shape[0], *full.shape[1:])])
+                if tuple(full.shape) != row.shape:
+                    raise ConfigError(f"resharded checkpoint {step_dir}: {k} has shape {tuple(full.shape)}, "
+                                      f"this run's model needs {row.shape}: check model.* against the checkpoint")
+                piece = shard(full, row.split, layout.tp_rank, layout.tp).to(param.device)
+                if key == MASTER:
+                    safe_set_full_fp32_param(param, piece)
+                    param.data.copy_(piece.to(param.dtype))
+                else:
+                    safe_set_full_optimizer_state(param, piece, key)
+            if not hasattr(param, "_hp_mapping"):
+                raise ConfigError(f"parameter {row.name} is not managed by a ZeRO optimizer: set parallel.zero_stage=1")
+    finally:
+        files.clear()
+    _restore_schedule(engine, state)
+    ds.global_steps = state["global_steps"]
+    ds.global_samples = state["global_samples"]
+    ds.skipped_steps = state["skipped_steps"]
+    return int(info["step"]), int(info["consumed_samples"])
+
+
+def _restore_schedule(engine, state: dict) -> None:
+    """Param-group hyper-parameters (lr, betas, ...) and the LR scheduler as they were saved."""
+    groups = engine.optimizer.optimizer.param_groups
+    if len(groups) != len(state["param_groups"]):
+        raise ConfigError(f"the run has {len(groups)} optimizer groups, the checkpoint {len(state['param_groups'])}")
+    for group, saved in zip(groups, state["param_groups"]):
+        for k, v in saved.items():
+            group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
+    if state.get("lr_scheduler") is not None and engine.scheduler is not None:
+        engine.scheduler.load_state_dict(state["lr_scheduler"])
+
+
+def is_resharded(info: dict) -> bool:
+    return info.get("format") == FORMAT
+
+
+def write_store(ckpt, step_dir: Path, meta: dict, on_param=None) -> None:
+    """Write the store of native checkpoint ``ckpt`` into ``step_dir`` (which must exist), one
+    pipeline layer in memory at a time; ``meta`` is the new ``run.json`` (written last).
+    ``on_param(name, nbytes)`` is called after each parameter (progress bars)."""
+    from safetensors.torch import save_file
+
+    from .optimizer_state import iter_param_states, read_trainer_state
+
+    (step_dir / TRAINER_STATE).write_text(json.dumps(read_trainer_state(ckpt), indent=2))
+    layer, tensors = None, {}
+
+    def flush():
+        if tensors:
+            save_file(tensors, str(step_dir / layer_file(layer)), metadata={"format": "pt"})
+            tensors.clear()
+
+    for row, states in iter_param_states(ckpt):
+        if row.layer != layer:
+            flush()
+            layer = row.layer
+        for key, t in states.items():
+            tensors[store_key(key, row.name)] = t.contiguous()
+        if on_param is not None:
+            on_param(row.name, sum(t.numel() * t.element_size() for t in states.values()))
+    flush()
+    (step_dir / META).write_text(json.dumps(dict(meta, format=FORMAT), indent=2, default=str))
