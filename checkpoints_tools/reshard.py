@@ -134,7 +134,17 @@ def _numel(shape) -> int:
     return n
 
 
+def _quiet() -> None:
+    """DeepSpeed's and torch's import-time chatter is not for this tool's console (it runs on CPU)."""
+    import logging
+    import warnings
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+
+
 def run(args: argparse.Namespace) -> int:
+    _quiet()
     try:
         reshard(args.ckpt, args.out, args.tp, args.pp, args.dp, args.zero_stage, args.force,
                 progress=not args.quiet)

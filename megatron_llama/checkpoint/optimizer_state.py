@@ -198,10 +198,28 @@ def iter_param_states(ckpt: NativeCheckpoint, keys: tuple[str, ...] = STATE_KEYS
 
 
 def iter_fp32_masters(ckpt_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(global name, full fp32 master weight)`` of every parameter, one at a time, vocabulary
-    padding dropped (e.g. for ``native-to-hf --weights masters``)."""
+    """``(global name, full fp32 master weight)`` of every parameter, one at a time, in pipeline
+    order, vocabulary padding dropped (e.g. for ``native-to-hf --weights masters``). ``ckpt_dir``:
+    a run directory (newest checkpoint) or a ``stepN/``, native or written by ``reshard``."""
+    step_dir = _resharded_step_dir(Path(ckpt_dir))
+    if step_dir is not None:  # written by `mllama-convert reshard`: the masters are stored as they are
+        from .resharded import iter_store_masters
+        yield from iter_store_masters(step_dir)
+        return
     for row, states in iter_param_states(open_native(ckpt_dir), keys=(MASTER,)):
         yield row.name, states[MASTER]
+
+
+def _resharded_step_dir(p: Path) -> Optional[Path]:
+    if not (p / META).is_file():
+        info = latest(str(p))
+        if info is None:
+            return None
+        p = p / info["tag"]
+    try:
+        return p if json.loads((p / META).read_text()).get("format") == "resharded" else None
+    except (OSError, ValueError):
+        return None
 
 
 def read_trainer_state(ckpt: NativeCheckpoint) -> dict:
@@ -229,9 +247,3 @@ def read_trainer_state(ckpt: NativeCheckpoint) -> dict:
 def optimizer_step(ckpt_dir: str | Path) -> int:
     """The Adam step count stored in a native checkpoint (tests, ``inspect``)."""
     return read_trainer_state(open_native(ckpt_dir))["optimizer_step"]
-
-
-def zero_stage_of(ckpt: NativeCheckpoint) -> Optional[int]:
-    sd = _load(ckpt.optim_file(0, 0)).get("optimizer_state_dict", {})
-    stage = sd.get("zero_stage")
-    return int(stage) if stage is not None else None

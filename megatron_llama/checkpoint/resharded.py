@@ -164,9 +164,13 @@ def write_store(ckpt, step_dir: Path, meta: dict, on_param=None) -> None:
             save_file(tensors, str(step_dir / layer_file(layer)), metadata={"format": "pt"})
             tensors.clear()
 
+    done = set()
     for row, states in iter_param_states(ckpt):
         if row.layer != layer:
             flush()
+            if row.layer in done:  # would overwrite a finished file: the reader must go layer by layer
+                raise RuntimeError(f"parameters of pipeline layer {row.layer} are not contiguous")
+            done.add(layer)
             layer = row.layer
         for key, t in states.items():
             tensors[store_key(key, row.name)] = t.contiguous()
@@ -174,3 +178,15 @@ def write_store(ckpt, step_dir: Path, meta: dict, on_param=None) -> None:
             on_param(row.name, sum(t.numel() * t.element_size() for t in states.values()))
     flush()
     (step_dir / META).write_text(json.dumps(dict(meta, format=FORMAT), indent=2, default=str))
+
+
+def iter_store_masters(step_dir: Path):
+    """``(global name, full fp32 master)`` from a resharded store, in pipeline order."""
+    from safetensors import safe_open
+
+    for path in sorted(step_dir.glob("layer_*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            prefix = store_key(MASTER, "")
+            for k in f.keys():
+                if k.startswith(prefix):
+                    yield k[len(prefix):], f.get_tensor(k)
