@@ -150,10 +150,6 @@ class _StageShards:
                               f"expected {tuple(shape)}: the checkpoint is damaged")
         return out.view(shape)
 
-    def steps(self) -> set[int]:
-        return {int(s["step"]) for _, optim, _ in self.tp_ranks for sd in optim
-                for s in sd["base_optimizer_state"]["state"].values()}
-
 
 def _table_by_stage(ckpt: NativeCheckpoint) -> dict[str, ParamInfo]:
     """Name used inside the checkpoint -> parameter table row (PipelineModule names when PP > 1)."""
@@ -178,20 +174,27 @@ def iter_param_states(ckpt: NativeCheckpoint, keys: tuple[str, ...] = STATE_KEYS
         if unknown:
             raise ConfigError(f"{ckpt.path}: unexpected tensor {unknown[0]} (not a parameter of "
                               f"{ckpt.cfg.model.name or 'this model'})")
-        # DeepSpeed orders them by optimizer group; yield them in pipeline (table) order
+        # DeepSpeed orders them by optimizer group; go in pipeline (table) order, one layer at a time
+        by_layer: dict[int, list[str]] = {}
         for name in sorted(shards.names(), key=order.__getitem__):
-            row = by_name[name]
-            out = {}
-            for key in keys:
-                ranks = range(1 if row.split == "replicated" else ckpt.tp)
-                full = unshard([shards.shard(name, t, key) for t in ranks], row.split)
-                if tuple(full.shape) != row.shape:
-                    raise ConfigError(f"{ckpt.path}: {row.name} has shape {tuple(full.shape)}, the config says "
-                                      f"{row.shape}: the checkpoint does not match its run.json")
-                out[key] = full[:vocab] if row.vocab_rows else full
-            seen.add(name)
-            yield row, out
-        del shards
+            by_layer.setdefault(by_name[name].layer, []).append(name)
+        for names in by_layer.values():
+            # mapped pages touched for a layer count in this process's RSS until the files are
+            # unmapped: map them afresh per layer so the footprint does not grow with the stage
+            shards = shards or _StageShards(ckpt, stage)
+            for name in names:
+                row = by_name[name]
+                out = {}
+                for key in keys:
+                    ranks = range(1 if row.split == "replicated" else ckpt.tp)
+                    full = unshard([shards.shard(name, t, key) for t in ranks], row.split)
+                    if tuple(full.shape) != row.shape:
+                        raise ConfigError(f"{ckpt.path}: {row.name} has shape {tuple(full.shape)}, the config "
+                                          f"says {row.shape}: the checkpoint does not match its run.json")
+                    out[key] = full[:vocab] if row.vocab_rows else full
+                seen.add(name)
+                yield row, out
+            shards = None
     missing = sorted(set(by_name) - seen)
     if missing:
         raise ConfigError(f"{ckpt.path}: missing {len(missing)} parameter(s), e.g. {', '.join(missing[:3])}")
