@@ -140,6 +140,15 @@ def test_round_trip_is_bitwise(dist_pool, tmp_path, tmp_path_factory):
     src = ref["root"] / "step0000003"
     mid, back = tmp_path / "tp4", tmp_path / "back"
     reshard(str(src), str(mid), 4, 1, 2, progress=False)
+    # the streaming reader that native-to-hf --weights masters uses: native and resharded agree
+    from megatron_llama.checkpoint.optimizer_state import iter_fp32_masters, master_layers
+    native, store = list(iter_fp32_masters(src)), list(iter_fp32_masters(mid))
+    assert [n for n, _ in native] == [n for n, _ in store] and len(native) == 27
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(native, store))
+    assert native[0][1].shape == (254, 64)  # vocabulary padding dropped
+    layers = list(master_layers(src, torch.bfloat16))
+    assert [name for name, _ in layers][:2] == ["embedding", "layers.0"] and len(layers) == 7
+    assert all(t.dtype == torch.bfloat16 for _, ts in layers for t in ts.values())
     dist_pool(8).run(_load_and_save, COMMON + layout(4, 1, 2) + [f"train.save_dir={mid}"])
     assert json.loads((mid / "step0000003" / "run.json").read_text()).get("format") is None  # native again
     reshard(str(mid), str(back), 2, 2, 2, progress=False)
@@ -199,12 +208,19 @@ def test_bad_input(dist_pool, tmp_path, tmp_path_factory, capsys):
     damaged = tmp_path / "damaged" / "step0000003"
     shutil.copytree(src, damaged)
     (damaged / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"not a checkpoint")
+    nometa = tmp_path / "nometa" / "step0000003"  # DeepSpeed issue 5430: shards without their metadata
+    shutil.copytree(src, nometa)
+    f = nometa / "zero_pp_rank_1_mp_rank_03_optim_states.pt"
+    sd = torch.load(f, weights_only=False)
+    del sd["optimizer_state_dict"]["param_slice_mappings"]
+    torch.save(sd, f)
     exists = tmp_path / "exists"
     exists.mkdir()
     cases = [([tmp_path / "nowhere", tmp_path / "o1", "--tp", 1, "--pp", 1], "is not a directory"),
              ([tmp_path / "exists", tmp_path / "o2", "--tp", 1, "--pp", 1], "not a native checkpoint"),
              ([broken, tmp_path / "o3", "--tp", 1, "--pp", 1], "incomplete"),
              ([damaged, tmp_path / "o4", "--tp", 1, "--pp", 1], "damaged"),
+             ([nometa, tmp_path / "o9", "--tp", 1, "--pp", 1], "param_slice_mappings"),
              ([src, tmp_path / "o5", "--tp", 3, "--pp", 1], "does not divide model.num_attention_heads"),
              ([src, tmp_path / "o6", "--tp", 1, "--pp", 5], "larger than model.num_layers"),
              ([src, tmp_path / "o7", "--tp", 1, "--pp", 1, "--dp", 3], "does not divide the global batch"),
@@ -213,6 +229,6 @@ def test_bad_input(dist_pool, tmp_path, tmp_path_factory, capsys):
     for args, what in cases:
         code, err = _cli(args, capsys)
         assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and what in err[0], (args, err)
-    assert sorted(os.listdir(tmp_path)) == ["broken", "damaged", "exists"]  # no partial output
+    assert sorted(os.listdir(tmp_path)) == ["broken", "damaged", "exists", "nometa"]  # no partial output
     code, _ = _cli([src, exists, "--tp", 1, "--pp", 1, "--force"], capsys)
     assert code == 0 and (exists / "latest").read_text() == "step0000003"

@@ -250,3 +250,26 @@ def read_trainer_state(ckpt: NativeCheckpoint) -> dict:
 def optimizer_step(ckpt_dir: str | Path) -> int:
     """The Adam step count stored in a native checkpoint (tests, ``inspect``)."""
     return read_trainer_state(open_native(ckpt_dir))["optimizer_step"]
+
+
+def master_layers(ckpt, dtype: Optional[torch.dtype] = None) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """``(pipeline layer name, {global name: full fp32 master, cast to dtype})`` for every pipeline
+    layer in order (empty dict for a layer without parameters, e.g. a tied head), one layer in
+    memory at a time; vocabulary rows padded (zeros) for the checkpoint's TP, like the module
+    weights that ``native_weights`` reads. ``ckpt``: a path or anything with a ``path``."""
+    native = open_native(getattr(ckpt, "path", ckpt))
+    model = native.cfg.model
+    padded = model.padded_vocab_size(native.tp)
+    names = ["embedding"] + [f"layers.{i}" for i in range(model.num_layers)] + ["final_norm", "head"]
+    it = iter_param_states(native, keys=(MASTER,))
+    pending = next(it, None)
+    for i, layer_name in enumerate(names):
+        out = {}
+        while pending is not None and pending[0].layer == i:
+            row, states = pending
+            t = states[MASTER]
+            if row.vocab_rows and t.shape[0] < padded:
+                t = torch.cat([t, t.new_zeros(padded - t.shape[0], *t.shape[1:])])
+            out[row.name] = t.to(dtype) if dtype is not None else t
+            pending = next(it, None)
+        yield layer_name, out
