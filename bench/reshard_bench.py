@@ -6,7 +6,7 @@ machine's disk and memory budget allow next to its other users, so the model is 
 counts shows whether memory grows with depth (it must not) and how time scales per layer.
 
 The input is written directly in the file format that DeepSpeed's ZeRO-1 writes for our
-training runs at TP2·PP2·DP2 (``mp_rank_XX_model_states.pt`` with ``param_shapes``,
+training runs at TP2·PP2·DP4 (``mp_rank_XX_model_states.pt`` with ``param_shapes``,
 ``zero_pp_rank_D_mp_rank_XX_optim_states.pt`` with flat fp32 partitions, Adam moments and
 ``param_slice_mappings``), one file at a time, with random values; training a 7B-shaped model
 on this CPU to get one is not possible. Correctness on real DeepSpeed checkpoints is what
@@ -33,11 +33,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TP, PP, DP = 2, 2, 2
+TP, PP, DP = 2, 2, 4
 
 
 def write_native(cfg, out: Path) -> int:
-    """A TP2·PP2·DP2 ZeRO-1 native checkpoint of ``cfg`` (random values); returns its bytes."""
+    """A TP·PP·DP ZeRO-1 native checkpoint of ``cfg`` (random values); returns its bytes."""
     from deepspeed.utils.tensor_fragment import fragment_address
 
     from megatron_llama.checkpoint.params import param_table
@@ -78,8 +78,8 @@ def write_native(cfg, out: Path) -> int:
                         offset += n
                     mappings.append(m)
                     fp32.append(torch.randn(part))
-                    state[g] = {"step": torch.tensor(100.0), "exp_avg": torch.randn(part) * 1e-3,
-                                "exp_avg_sq": torch.rand(part) * 1e-6}
+                    state[g] = {"step": torch.tensor(100.0), "exp_avg": torch.randn(part).mul_(1e-3),
+                                "exp_avg_sq": torch.rand(part).mul_(1e-6)}
                     total += 3 * 4 * part
                 groups = [{"weight_decay": wd, "lr": 2.9e-4, "betas": (0.9, 0.95), "eps": 1e-8, "amsgrad": False,
                            "initial_lr": 3e-4, "params": [g]} for g, wd in enumerate((0.1, 0.0))]
@@ -111,7 +111,7 @@ def measure(layers: int, work: Path, target: tuple[int, int, int]) -> dict:
     from megatron_llama.config import load_config
     cfg = load_config(None, ["model.preset=llama-7b", f"model.num_layers={layers}", "model.vocab_size=32000",
                              f"parallel.tp={TP}", f"parallel.pp={PP}", f"parallel.dp={DP}",
-                             "train.micro_batch_size=1", "train.grad_accum_steps=8"])
+                             "train.micro_batch_size=1", "train.grad_accum_steps=4"])
     src, out = work / f"src-{layers}l", work / f"out-{layers}l"
     shutil.rmtree(src, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)

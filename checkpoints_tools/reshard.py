@@ -15,7 +15,7 @@ The global batch (micro batch x grad accumulation x DP) is kept: reshard prints 
 samples the uninterrupted run would have read (the sampler is a pure function of the
 consumed samples, the DP rank and the DP size).
 
-Streaming: one pipeline layer of the model (weights + two moments, fp32) in memory at a time;
+Streaming: one parameter (weights + two moments, fp32) in memory at a time;
 the input shards are memory-mapped. Output is written under a temporary name and renamed at
 the end, so an interrupted or failed reshard leaves nothing behind.
 """

@@ -87,6 +87,9 @@ def open_native(path: str | Path) -> NativeCheckpoint:
     if meta.get("format") == "resharded":
         raise ConfigError(f"{p} is a resharded store, not a native checkpoint: resume training from it "
                           "(train.save_dir) and reshard one of that run's checkpoints")
+    if cfg.parallel.zero_stage not in (1, 2):
+        raise ConfigError(f"{p} was saved with parallel.zero_stage={cfg.parallel.zero_stage}: reading its optimizer "
+                          "state (reshard, fp32 masters) is supported for ZeRO stage 1 and 2 checkpoints only")
     ckpt = NativeCheckpoint(p, meta, cfg, tp, pp, dp)
     missing = [f.name for mp in range(tp * pp)
                for f in [ckpt.model_file(mp)] + [ckpt.optim_file(d, mp) for d in range(dp)] if not f.is_file()]
@@ -143,7 +146,7 @@ class _StageShards:
                 continue
             flat = (sd["single_partition_of_fp32_groups"][group] if key == MASTER
                     else sd["base_optimizer_state"]["state"][group][key])
-            pieces.append(flat.narrow(0, frag.start, frag.numel))
+            pieces.append(flat.detach().narrow(0, frag.start, frag.numel))  # masters are saved requiring grad
         out = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
         if out.numel() != torch.Size(shape).numel():
             raise ConfigError(f"{self.ckpt.path}: {name} has {out.numel()} elements in its ZeRO pieces, "

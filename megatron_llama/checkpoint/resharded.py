@@ -20,6 +20,9 @@ The run's next checkpoint is a native one again.
 from __future__ import annotations
 
 import json
+import math
+import os
+import struct
 from pathlib import Path
 
 import torch
@@ -126,10 +129,23 @@ def load_into_engine(engine, layout, step_dir: Path, info: dict) -> tuple[int, i
     finally:
         files.clear()
     _restore_schedule(engine, state)
+    _note_batch_change(cfg, layout, info)
     ds.global_steps = state["global_steps"]
     ds.global_samples = state["global_samples"]
     ds.skipped_steps = state["skipped_steps"]
     return int(info["step"]), int(info["consumed_samples"])
+
+
+def _note_batch_change(cfg, layout, info: dict) -> None:
+    """A different global batch is allowed (the sample stream stays defined by the consumed
+    samples) but it is no longer the uninterrupted run's: say so once."""
+    t = info.get("config", {}).get("train", {})
+    saved = t.get("global_batch_size") or 0
+    now = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * layout.dp
+    if saved and saved != now and layout.rank == 0:
+        print(f"note: the checkpoint was trained with a global batch of {saved} sequences, this run uses {now}; "
+              f"set train.grad_accum_steps={max(1, saved // (cfg.train.micro_batch_size * layout.dp))} to keep it",
+              flush=True)
 
 
 def _restore_schedule(engine, state: dict) -> None:
@@ -148,35 +164,74 @@ def is_resharded(info: dict) -> bool:
     return info.get("format") == FORMAT
 
 
+def _store_shape(row, vocab: int) -> tuple[int, ...]:
+    return (vocab,) + row.shape[1:] if row.vocab_rows else row.shape
+
+
+class _LayerWriter:
+    """One ``layer_LLL.safetensors`` written tensor by tensor: the header is known up front from
+    the parameter table, so no more than one parameter is ever held (safetensors' own
+    ``save_file`` would first copy the whole layer into bytes)."""
+
+    def __init__(self, path: Path, rows, vocab: int):
+        entries, offset, self.order = {}, 0, []
+        for row in rows:
+            shape = _store_shape(row, vocab)
+            nbytes = 4 * math.prod(shape)
+            for key in STATE_KEYS:
+                entries[store_key(key, row.name)] = {"dtype": "F32", "shape": list(shape),
+                                                     "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+            self.order.append(row.name)
+        entries["__metadata__"] = {"format": "pt"}
+        header = json.dumps(entries, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(header)) + header)
+
+    def write(self, row, states: dict[str, torch.Tensor]) -> None:
+        if not self.order or self.order.pop(0) != row.name:
+            raise RuntimeError(f"{row.name} arrived out of pipeline order")
+        for key in STATE_KEYS:
+            self.file.write(states[key].contiguous().numpy().data)
+
+    def close(self) -> None:
+        if self.order:
+            raise RuntimeError(f"layer file incomplete: {self.order[0]} was never written")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
 def write_store(ckpt, step_dir: Path, meta: dict, on_param=None) -> None:
     """Write the store of native checkpoint ``ckpt`` into ``step_dir`` (which must exist), one
-    pipeline layer in memory at a time; ``meta`` is the new ``run.json`` (written last).
+    parameter in memory at a time; ``meta`` is the new ``run.json`` (written last).
     ``on_param(name, nbytes)`` is called after each parameter (progress bars)."""
-    from safetensors.torch import save_file
-
     from .optimizer_state import iter_param_states, read_trainer_state
+    from .params import param_table
 
     (step_dir / TRAINER_STATE).write_text(json.dumps(read_trainer_state(ckpt), indent=2))
-    layer, tensors = None, {}
-
-    def flush():
-        if tensors:
-            save_file(tensors, str(step_dir / layer_file(layer)), metadata={"format": "pt"})
-            tensors.clear()
-
-    done = set()
-    for row, states in iter_param_states(ckpt):
-        if row.layer != layer:
-            flush()
-            if row.layer in done:  # would overwrite a finished file: the reader must go layer by layer
-                raise RuntimeError(f"parameters of pipeline layer {row.layer} are not contiguous")
-            done.add(layer)
-            layer = row.layer
-        for key, t in states.items():
-            tensors[store_key(key, row.name)] = t.contiguous()
-        if on_param is not None:
-            on_param(row.name, sum(t.numel() * t.element_size() for t in states.values()))
-    flush()
+    vocab = ckpt.cfg.model.vocab_size
+    by_layer: dict[int, list] = {}
+    for row in param_table(ckpt.cfg.model, ckpt.tp):
+        by_layer.setdefault(row.layer, []).append(row)
+    writer, layer = None, None
+    try:
+        for row, states in iter_param_states(ckpt):
+            if row.layer != layer:
+                if writer is not None:
+                    writer.close()
+                layer = row.layer
+                writer = _LayerWriter(step_dir / layer_file(layer), by_layer[layer], vocab)
+            writer.write(row, states)
+            if on_param is not None:
+                on_param(row.name, sum(t.numel() * t.element_size() for t in states.values()))
+        if writer is not None:
+            writer.close()
+            writer = None
+    finally:
+        if writer is not None:
+            writer.file.close()
     (step_dir / META).write_text(json.dumps(dict(meta, format=FORMAT), indent=2, default=str))
 
 
@@ -184,9 +239,14 @@ def iter_store_masters(step_dir: Path):
     """``(global name, full fp32 master)`` from a resharded store, in pipeline order."""
     from safetensors import safe_open
 
-    for path in sorted(step_dir.glob("layer_*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            prefix = store_key(MASTER, "")
-            for k in f.keys():
-                if k.startswith(prefix):
-                    yield k[len(prefix):], f.get_tensor(k)
+    from megatron_llama.config.load import config_from_dict
+
+    from .params import param_table
+
+    cfg = config_from_dict(json.loads((step_dir / META).read_text())["config"])
+    opened = {}
+    for row in param_table(cfg.model, 1):
+        if row.layer not in opened:
+            opened.clear()  # one layer file open at a time
+            opened[row.layer] = safe_open(str(step_dir / layer_file(row.layer)), framework="pt")
+        yield row.name, opened[row.layer].get_tensor(store_key(MASTER, row.name))
