@@ -32,6 +32,7 @@ from megatron_llama.config.load import config_from_dict
 from megatron_llama.model.layout import unshard
 
 from .directory import META, latest
+from .native_weights import resolve_checkpoint, torch_load
 from .params import ParamInfo, param_table
 
 MASTER = "fp32"
@@ -66,17 +67,9 @@ class NativeCheckpoint:
 
 
 def open_native(path: str | Path) -> NativeCheckpoint:
-    """A run directory (its newest complete checkpoint) or a ``stepN`` directory; checks that
-    every shard the layout needs is there. Raises ConfigError saying what is wrong."""
-    p = Path(path)
-    if not p.is_dir():
-        raise ConfigError(f"{p} is not a directory: pass a run directory (train.save_dir) or one of its stepN/")
-    if not (p / META).is_file():
-        info = latest(str(p))
-        if info is None:
-            raise ConfigError(f"{p} is not a native checkpoint (no {META} in it or in a stepN/ below it): "
-                              "pass a directory written by mllama-train")
-        p = p / info["tag"]
+    """A run directory (its ``latest`` checkpoint) or a ``stepN`` directory; checks that every
+    optimizer shard the layout needs is there. Raises ConfigError saying what is wrong."""
+    p = resolve_checkpoint(path)
     try:
         meta = json.loads((p / META).read_text())
         layout, cfg = meta["layout"], config_from_dict(meta["config"])
@@ -87,6 +80,9 @@ def open_native(path: str | Path) -> NativeCheckpoint:
     if meta.get("format") == "resharded":
         raise ConfigError(f"{p} is a resharded store, not a native checkpoint: resume training from it "
                           "(train.save_dir) and reshard one of that run's checkpoints")
+    if meta.get("weights_only"):
+        raise ConfigError(f"{p} holds weights only (no optimizer state): start a run from it with "
+                          "train.init_from, there is nothing to reshard")
     if cfg.parallel.zero_stage not in (1, 2):
         raise ConfigError(f"{p} was saved with parallel.zero_stage={cfg.parallel.zero_stage}: reading its optimizer "
                           "state (reshard, fp32 masters) is supported for ZeRO stage 1 and 2 checkpoints only")
@@ -100,11 +96,7 @@ def open_native(path: str | Path) -> NativeCheckpoint:
 
 
 def _load(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable shard is one clear error
-        raise ConfigError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}):"
-                          " the file is damaged; use another checkpoint of the run") from None
+    return torch_load(path, str(path.parent))
 
 
 class _StageShards:
