@@ -1,6 +1,5 @@
 """A transformer block traces into ONE torch.compile graph (megatron_llama/model/tp_linear.py):
 megatron-core's row-parallel layer used to break it into 8 with a deprecation warning."""
-import os
 
 import torch
 
@@ -13,11 +12,10 @@ def test_block_compiles_without_graph_breaks():
     from megatron_llama.model import LlamaModel, fp8
     from megatron_llama.model.block import _block_forward
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29547")
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        # init_method, not MASTER_PORT: the env of the test process stays as it was
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         parallel_state.initialize_model_parallel()
         model = LlamaModel(preset("tiny"), ParallelConfig(), dtype=torch.float32)
@@ -31,3 +29,10 @@ def test_block_compiles_without_graph_breaks():
         parallel_state.destroy_model_parallel()
         if created:
             dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

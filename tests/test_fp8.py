@@ -100,18 +100,16 @@ def test_fp8_tp_layers_match_bf16(dist_pool, recipe):
 def test_fp8_keeps_lm_head_and_tp_layers():
     """convert() changes the blocks' local matmuls only, never the layer objects or the LM head."""
     from tests.distributed import WorkerPool  # noqa: F401 - same imports as the pool workers
-    import os
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from megatron_llama.config import ParallelConfig, preset
     from megatron_llama.model import LlamaModel, LMHead, fp8
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        # init_method, not MASTER_PORT: the env of the test process stays as it was
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         parallel_state.initialize_model_parallel()
         model = LlamaModel(preset("tiny"), ParallelConfig(), dtype=torch.bfloat16)
@@ -128,3 +126,10 @@ def test_fp8_keeps_lm_head_and_tp_layers():
         parallel_state.destroy_model_parallel()
         if created:
             dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -44,7 +44,8 @@ def _greedy_answers(rank, world, checkpoint, tokenizer, prompts):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_quickstart_model_learns_to_answer(tmp_path, dist_pool):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     cmd = [sys.executable, "-m", "launch.train", "configs/sft-tiny-cpu.yaml", f"train.steps={STEPS}",
            f"data.cache_dir={tmp_path / 'data'}", f"train.save_dir={tmp_path / 'run'}"]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
