@@ -22,3 +22,30 @@ def dist_pool():
     for pool in _POOLS.values():
         pool.close()
     _POOLS.clear()
+
+
+@pytest.fixture
+def single_process_model_parallel():
+    """A one-rank gloo world with megatron-core's parallel state (TP = PP = 1) in the test process.
+
+    Started through ``init_method`` on a free port, so the test process's environment (MASTER_PORT,
+    which subprocess-based tests inherit) stays as it was; torn down afterwards.
+    """
+    import socket
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    created = not dist.is_initialized()
+    if created:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        if created:
+            dist.destroy_process_group()

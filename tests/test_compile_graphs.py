@@ -4,35 +4,15 @@ megatron-core's row-parallel layer used to break it into 8 with a deprecation wa
 import torch
 
 
-def test_block_compiles_without_graph_breaks():
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
+def test_block_compiles_without_graph_breaks(single_process_model_parallel):
     from megatron_llama.config import ParallelConfig, preset
     from megatron_llama.model import LlamaModel, fp8
     from megatron_llama.model.block import _block_forward
 
-    created = not dist.is_initialized()
-    if created:
-        # init_method, not MASTER_PORT: the env of the test process stays as it was
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    try:
-        parallel_state.initialize_model_parallel()
-        model = LlamaModel(preset("tiny"), ParallelConfig(), dtype=torch.float32)
-        x = torch.randn(16, 2, model.cfg.hidden_size, requires_grad=True)
-        # one trace covers both local matmuls: attention's bf16 (group-bound), the MLP's float8
-        assert fp8.convert(model.layers[0].mlp, "tensorwise") == 2
-        explained = torch._dynamo.explain(_block_forward)(model.layers[0], x)
-        assert explained.graph_break_count == 0, [b.reason[:200] for b in explained.break_reasons]
-        assert explained.graph_count == 1
-    finally:
-        parallel_state.destroy_model_parallel()
-        if created:
-            dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    model = LlamaModel(preset("tiny"), ParallelConfig(), dtype=torch.float32)
+    x = torch.randn(16, 2, model.cfg.hidden_size, requires_grad=True)
+    # one trace covers both local matmuls: attention's bf16 (group-bound), the MLP's float8
+    assert fp8.convert(model.layers[0].mlp, "tensorwise") == 2
+    explained = torch._dynamo.explain(_block_forward)(model.layers[0], x)
+    assert explained.graph_break_count == 0, [b.reason[:200] for b in explained.break_reasons]
+    assert explained.graph_count == 1

@@ -97,39 +97,18 @@ def test_fp8_tp_layers_match_bf16(dist_pool, recipe):
             assert min(e_out, e_dx, e_dw1, e_dw2) > 0  # float8 really ran (bf16 would be exact)
 
 
-def test_fp8_keeps_lm_head_and_tp_layers():
+def test_fp8_keeps_lm_head_and_tp_layers(single_process_model_parallel):
     """convert() changes the blocks' local matmuls only, never the layer objects or the LM head."""
-    from tests.distributed import WorkerPool  # noqa: F401 - same imports as the pool workers
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
     from megatron_llama.config import ParallelConfig, preset
     from megatron_llama.model import LlamaModel, LMHead, fp8
 
-    created = not dist.is_initialized()
-    if created:
-        # init_method, not MASTER_PORT: the env of the test process stays as it was
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    try:
-        parallel_state.initialize_model_parallel()
-        model = LlamaModel(preset("tiny"), ParallelConfig(), dtype=torch.bfloat16)
-        before = {n: type(m) for n, m in model.named_modules()}
-        n = fp8.convert(model, "tensorwise", skip=(LMHead,))
-        assert n == 4 * model.cfg.num_layers  # qkv, proj, gate_up, down per block
-        assert {n: type(m) for n, m in model.named_modules()} == before
-        assert "_forward_impl" not in vars(model.head.output)
-        assert isinstance(vars(model.layers[0].mlp.down)["_forward_impl"], fp8.Float8LinearImpl)
-        tokens = torch.randint(0, model.cfg.vocab_size, (2, 16))
-        model.loss(tokens, tokens).backward()
-        assert all(p.grad is not None for p in model.parameters())
-    finally:
-        parallel_state.destroy_model_parallel()
-        if created:
-            dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    model = LlamaModel(preset("tiny"), ParallelConfig(), dtype=torch.bfloat16)
+    before = {n: type(m) for n, m in model.named_modules()}
+    n = fp8.convert(model, "tensorwise", skip=(LMHead,))
+    assert n == 4 * model.cfg.num_layers  # qkv, proj, gate_up, down per block
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    assert "_forward_impl" not in vars(model.head.output)
+    assert isinstance(vars(model.layers[0].mlp.down)["_forward_impl"], fp8.Float8LinearImpl)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    model.loss(tokens, tokens).backward()
+    assert all(p.grad is not None for p in model.parameters())
