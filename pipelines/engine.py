@@ -38,6 +38,7 @@ from megatron_llama.model import LMHead, LlamaModel, fp8, lm_loss
 from .bf16_grads import fuse_grad_accumulation
 from .compile_policy import use_compile
 from .token_weights import weigh_answer_tokens
+from .tied import install_tied_grad_reduction
 from .topology import ParallelLayout
 
 
@@ -139,6 +140,8 @@ class TrainEngine:
         self.step_gate: Optional[Callable[[float, Optional[float]], bool]] = None
         self._decision: Optional[bool] = None
         self._loss_sum: Optional[torch.Tensor] = None
+        if self.pipelined and cfg.model.tie_embeddings:
+            install_tied_grad_reduction(self.engine)  # exact, whatever DP (pipelines/tied.py)
         self._check_grid()
         self.local_params = sum(p.numel() for p in model.parameters())
 
