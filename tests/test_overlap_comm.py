@@ -42,3 +42,14 @@ def test_options_reach_deepspeed_and_bad_values_are_refused():
         ParallelConfig(zero_stage=0, overlap_comm=True)
     with pytest.raises(ConfigError, match="overlap_comm=true with parallel.pp=2.*set parallel.overlap_comm=false"):
         ParallelConfig(pp=2, overlap_comm=True)
+
+
+def test_bench_takes_the_options(capsys):
+    from launch.bench import _parallel_settings, main
+    assert _parallel_settings("overlap_comm=true,reduce_bucket_size=50000000") == {
+        "overlap_comm": True, "reduce_bucket_size": 50000000}
+    assert main(["--parallel", "overlap_comm=maybe"]) == 2
+    assert main(["--parallel", "tp=2"]) == 2
+    assert main(["--parallel", "zero_stage=0,overlap_comm=true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
