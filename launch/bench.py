@@ -49,6 +49,23 @@ def _layouts(text: str) -> list[tuple[int, int, int]]:
     return out
 
 
+def _parallel_settings(text: str) -> dict:
+    """``--parallel overlap_comm=true,reduce_bucket_size=50000000`` -> checked ParallelConfig fields."""
+    import typing
+    from megatron_llama.config import ConfigError, ParallelConfig
+    from megatron_llama.config.load import _coerce
+    fields = typing.get_type_hints(ParallelConfig)
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields or key in ("tp", "pp", "dp"):
+            raise ConfigError(f"--parallel {item!r}: expected KEY=VALUE with KEY a parallel.* field other than "
+                              f"tp/pp/dp (--layouts sets those), e.g. overlap_comm=true")
+        out[key] = _coerce(value, fields[key], f"--parallel {key}")
+    ParallelConfig(**out)  # validated once here, before any process starts
+    return out
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -165,6 +182,8 @@ def main(argv=None) -> int:
     p.add_argument("--precision", default="bf16", help="comma list for our runs: bf16, fp8 (tensorwise), "
                    "fp8-rowwise (float8 needs a Hopper GPU)")
     p.add_argument("--no-compile", action="store_true", help="run our blocks eagerly")
+    p.add_argument("--parallel", default="", metavar="KEY=VALUE,...",
+                   help="extra parallel.* settings for our runs, e.g. overlap_comm=true,reduce_bucket_size=50000000")
     p.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
     p.add_argument("--out", default="bench/results/bench.json", help="JSON results (PNG plot beside it)")
     p.add_argument("--plan", action="store_true", help="print the analytic plan only (no GPU needed)")
@@ -176,6 +195,11 @@ def main(argv=None) -> int:
     from . import bench_plan
     try:
         cfg = preset(args.preset, max_seq_len=max(args.seq_len, 2048))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        extra = _parallel_settings(args.parallel)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -215,7 +239,8 @@ def main(argv=None) -> int:
                                       seq_len=args.seq_len, steps=args.steps, warmup=args.warmup,
                                       compile=False if args.no_compile else None,
                                       precision="fp8" if prec.startswith("fp8") else "auto",
-                                      fp8_recipe="rowwise" if prec == "fp8-rowwise" else "tensorwise"))
+                                      fp8_recipe="rowwise" if prec == "fp8-rowwise" else "tensorwise",
+                                      parallel=extra))
     gpus = max(s["tp"] * s["pp"] * s["dp"] for s in specs)
     for name in peers:
         for mbs in _ints(args.mbs):

@@ -27,7 +27,7 @@ def _run_config(spec: dict):
     return RunConfig(
         model=model,
         parallel=ParallelConfig(tp=spec["tp"], pp=spec["pp"], dp=spec["dp"],
-                                activation_checkpointing=spec["checkpointing"]),
+                                activation_checkpointing=spec["checkpointing"], **spec.get("parallel", {})),
         train=TrainConfig(steps=spec["warmup"] + spec["steps"], micro_batch_size=spec["mbs"],
                           grad_accum_steps=spec["gas"], warmup_steps=1, compile=spec.get("compile"),
                           precision=spec.get("precision", "auto"), fp8_recipe=spec.get("fp8_recipe") or "tensorwise"),

@@ -61,9 +61,6 @@ def validate_layout(cfg: RunConfig, world_size: int) -> int:
     dp = cfg.parallel.resolve_dp(world_size)
     cfg.parallel.check_model(cfg.model)
     cfg.train.check_batch(dp)
-    if cfg.parallel.pp > 1 and cfg.model.tie_embeddings:
-        raise ConfigError("model.tie_embeddings=true with parallel.pp>1 is not supported yet: "
-                          "use pp=1 or untied embeddings")
     return dp
 
 

@@ -89,11 +89,12 @@ def uniform_weights(cfg: ModelConfig) -> list[float]:
 
 
 def parameter_weights(cfg: ModelConfig, tp: int = 1) -> list[float]:
-    """Parameters per TP rank (norm weights are replicated, everything else split by tp)."""
+    """Parameters per TP rank (norm weights are replicated, everything else split by tp). With
+    tied embeddings the last stage still holds a copy of the weight (``tied.py``), so it counts."""
     d = cfg.hidden_size
     emb = cfg.padded_vocab_size(tp) * d / tp + (2 * d if cfg.embedding_layernorm else 0)
     block = (cfg.block_params() - 2 * d) / tp + 2 * d
-    head = cfg.padded_vocab_size(tp) * d / tp if not cfg.tie_embeddings else 0.0
+    head = cfg.padded_vocab_size(tp) * d / tp
     return [emb] + [block] * cfg.num_layers + [float(d), head]
 
 

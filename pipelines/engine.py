@@ -37,6 +37,7 @@ from megatron_llama.model import LMHead, LlamaModel, fp8, lm_loss
 
 from .bf16_grads import fuse_grad_accumulation
 from .compile_policy import use_compile
+from .tied import install_tied_grad_reduction
 from .token_weights import weigh_answer_tokens
 from .topology import ParallelLayout
 
@@ -55,7 +56,7 @@ def deepspeed_config(cfg: RunConfig, dp: int, dtype: torch.dtype) -> dict:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": zero_config(cfg.parallel),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10 ** 9,          # our trainer logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
@@ -65,6 +66,14 @@ def deepspeed_config(cfg: RunConfig, dp: int, dtype: torch.dtype) -> dict:
     if dtype == torch.bfloat16:
         conf["data_types"] = {"grad_accum_dtype": "fp32"}
     return conf
+
+
+def zero_config(parallel) -> dict:
+    """DeepSpeed's ``zero_optimization`` section from ``parallel.*`` (stage, overlap, bucket sizes)."""
+    return {"stage": parallel.zero_stage, "overlap_comm": parallel.overlap_comm,
+            "reduce_bucket_size": parallel.reduce_bucket_size,
+            "allgather_bucket_size": parallel.allgather_bucket_size,
+            "contiguous_gradients": parallel.contiguous_gradients}
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -139,6 +148,8 @@ class TrainEngine:
         self.step_gate: Optional[Callable[[float, Optional[float]], bool]] = None
         self._decision: Optional[bool] = None
         self._loss_sum: Optional[torch.Tensor] = None
+        if self.pipelined and cfg.model.tie_embeddings:
+            install_tied_grad_reduction(self.engine)  # exact, whatever DP (pipelines/tied.py)
         self._check_grid()
         self.local_params = sum(p.numel() for p in model.parameters())
 

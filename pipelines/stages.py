@@ -24,13 +24,14 @@ import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
 from megatron.core import parallel_state
 
-from megatron_llama.config import ConfigError, RunConfig
+from megatron_llama.config import RunConfig
 from megatron_llama.model import Embedding, FinalNorm, LMHead, TransformerBlock, layer_names, lm_loss
 from megatron_llama.model.init import initialize_module
 from megatron_llama.model.tp_config import megatron_config
 
 from .balance import blocks_per_stage, stage_boundaries
 from .compile_policy import use_compile
+from .tied import mark_head_copy, tied_comms, tied_weights_and_groups
 
 
 def _hidden(x):
@@ -84,9 +85,13 @@ class FinalNormPipe(FinalNorm):
 
 
 class LMHeadPipe(LMHead):
+    """With tied embeddings the head holds its own copy of the embedding weight (``tied.py``)."""
+
     def __init__(self, cfg: RunConfig, dtype: torch.dtype, device: torch.device):
         mp, group = _build_args(cfg, dtype, device)
         super().__init__(cfg.model, mp, group)
+        if cfg.model.tie_embeddings:
+            mark_head_copy(self.output.weight)
         _init(self, "head", cfg)
 
     def forward(self, x):
@@ -102,16 +107,34 @@ def pipeline_loss(logits: torch.Tensor, labels) -> torch.Tensor:
 
 
 class LlamaPipeline(PipelineModule):
-    """A PipelineModule whose stage boundaries are given, not computed by DeepSpeed."""
+    """A PipelineModule whose stage boundaries are given, not computed by DeepSpeed; with
+    ``tied`` the first stage's embedding and the last stage's head copy form DeepSpeed's tied
+    weight (``tied.py``) instead of a ``TiedLayerSpec``, so parameter names stay ``{layer}.{name}``."""
 
-    def __init__(self, layers, boundaries: list[int], **kwargs):
+    def __init__(self, layers, boundaries: list[int], tied: bool = False, **kwargs):
         object.__setattr__(self, "_given_parts", list(boundaries))
+        object.__setattr__(self, "_tied", tied)
         super().__init__(layers, **kwargs)
 
     def _partition_layers(self, method: str = "given") -> None:
         self.parts = list(self._given_parts)
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    # DeepSpeed calls these three for tied weights (init broadcast, ReduceTiedGrads, param count)
+    def _index_tied_modules(self) -> dict:
+        if not self._tied:
+            return {}
+        first = self.forward_funcs[0] if self._local_start == 0 else None
+        last = self.forward_funcs[-1] if self._local_stop == self._num_layers else None
+        return tied_comms(self._topo, self.global_rank, first, last)
+
+    def get_tied_weights_and_groups(self):
+        return tied_weights_and_groups(self.tied_comms)
+
+    def allreduce_tied_weight_gradients(self) -> None:
+        for weight, group in self.get_tied_weights_and_groups():
+            torch.distributed.all_reduce(weight.grad, group=group)
 
 
 def layer_specs(cfg: RunConfig, dtype: torch.dtype, device: torch.device) -> list[LayerSpec]:
@@ -135,11 +158,8 @@ def describe_stages(cfg: RunConfig, boundaries: list[int]) -> str:
 def build_pipeline_module(cfg: RunConfig, topology, dtype: torch.dtype, device: torch.device,
                           dp: int) -> LlamaPipeline:
     """This rank's stage of the model, as a DeepSpeed PipelineModule over ``topology``."""
-    if cfg.model.tie_embeddings:
-        raise ConfigError("model.tie_embeddings=true with parallel.pp>1 is not supported yet: "
-                          "use pp=1 or untied embeddings")
     bounds = stage_boundaries(cfg.model, cfg.parallel, dp=dp, seq_len=cfg.data.seq_len,
                               micro_batch_size=cfg.train.micro_batch_size, bf16=dtype == torch.bfloat16)
-    return LlamaPipeline(layer_specs(cfg, dtype, device), bounds, topology=topology,
-                         loss_fn=pipeline_loss, partition_method="given",
+    return LlamaPipeline(layer_specs(cfg, dtype, device), bounds, tied=cfg.model.tie_embeddings,
+                         topology=topology, loss_fn=pipeline_loss, partition_method="given",
                          activation_checkpoint_interval=0, base_seed=cfg.train.seed)

@@ -18,8 +18,10 @@ from test_model_parity import CASES, case_config, hf_reference, rel_err
 pytestmark = pytest.mark.distributed
 TOL = 1e-5
 SEQ = 24
-# case -> layouts (tp, pp) run in a 4-process pool (DP fills the rest); tied embeddings need PP = 1
-LAYOUTS = {"mha": [(1, 1), (2, 1), (1, 2), (2, 2)], "gqa": [(2, 2)], "qkv-bias": [(2, 2)], "tied": [(2, 1)]}
+# case -> layouts (tp, pp) run in a 4-process pool (DP fills the rest); tied at PP2: the head's
+# layer file holds a copy of the embedding (param table: pipe_copy)
+LAYOUTS = {"mha": [(1, 1), (2, 1), (1, 2), (2, 2)], "gqa": [(2, 2)], "qkv-bias": [(2, 2)],
+           "tied": [(2, 1), (2, 2)]}
 
 
 def _overrides(case: str, tp: int, pp: int, init_from: str) -> list[str]:

@@ -20,7 +20,7 @@ import torch
 from megatron_llama.config import ConfigError, ModelConfig
 from megatron_llama.model.layout import qkv_group_order, shard
 
-from .params import ParamInfo, param_table
+from .params import ParamInfo, param_table, pipeline_names
 
 
 def describe_source(spec: str) -> str:
@@ -113,7 +113,8 @@ def load_initial_weights(module: torch.nn.Module, cfg: ModelConfig, spec: str, t
         if not Path(spec).exists():
             raise ConfigError(f"train.init_from={spec} does not exist: pass a native checkpoint or hf:DIR")
         source = _NativeShards(spec, cfg)
-    by_name = {(p.pipe_name if pipelined else p.name): p for p in param_table(cfg, tp)}
+    # pipelined: DeepSpeed's names, incl. a tied head's copy of the embedding (its row's pipe_copy)
+    by_name = pipeline_names(cfg, tp) if pipelined else {p.name: p for p in param_table(cfg, tp)}
     n = 0
     for name, param in module.named_parameters():
         p = by_name.get(name)

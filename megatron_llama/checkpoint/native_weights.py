@@ -264,13 +264,22 @@ def write_native(out: str | os.PathLike, config: RunConfig, layers: Iterable[tup
     out.mkdir(parents=True)
     seen: set[str] = set()
     module_states = [OrderedDict() for _ in range(tp)]
+    # tied embeddings under PP: the head's layer file holds a copy of the embedding (pipelines/tied.py)
+    copies = [p for p in table if p.pipe_copy] if pipe else []
+    held: dict[str, torch.Tensor] = {}
     for name, full in layers:
         layer = names.index(name)
         rows = [p for p in table if p.layer == layer]
         check_key_set(set(full), {p.name for p in rows}, f"layer {name}")
         seen.update(full)
+        held.update((p.name, full[p.name]) for p in copies if p.name in full)
         for r in range(tp):
             state = _layer_state(name, rows, full, r, tp, dtype)
+            for p in copies:
+                copy_layer, copy_local = p.pipe_copy.split(".", 1)
+                if int(copy_layer) == layer:
+                    t = shard(held[p.name], p.split, r, tp)
+                    state[copy_local] = (t.to(dtype) if dtype is not None else t).clone()
             if pipe:
                 _save(state, out / layer_file(layer, r))
             else:

@@ -10,7 +10,11 @@ allocated), in pipeline order. It is what converters, resharding and DeepSpeed m
   to ``layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt``);
 * ``local``: its name inside that layer (``mlp.down.weight``);
 * ``shape``: full (TP = 1) shape, the vocabulary padded for the TP size the table was made for;
-* ``split``: how TP ranks divide it (``layout.SPLITS``; ``layout.shard`` / ``layout.unshard``).
+* ``split``: how TP ranks divide it (``layout.SPLITS``; ``layout.shard`` / ``layout.unshard``);
+* ``pipe_copy``: with tied embeddings, the PipelineModule name of the LM head's copy of the
+  embedding weight, ``f"{L+2}.output.weight"`` (saved in the head's layer file, always equal to
+  the embedding's: ``pipelines/tied.py``). The weight is still ONE row named
+  ``embedding.word_embeddings.weight``: read either copy, write both. None for other rows.
 
 The table is checked against the real model's ``named_parameters`` (names, ``full_shape``,
 ``tp_split``) in tests, so it cannot drift from the model.
@@ -18,6 +22,7 @@ The table is checked against the real model's ``named_parameters`` (names, ``ful
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from megatron_llama.config import ConfigError, ModelConfig
 
@@ -29,6 +34,7 @@ class ParamInfo:
     local: str
     shape: tuple[int, ...]
     split: str
+    pipe_copy: Optional[str] = None
 
     @property
     def pipe_name(self) -> str:
@@ -63,12 +69,27 @@ def _layer_params(cfg: ModelConfig, tp: int) -> list[tuple[str, list[tuple[str, 
 
 def param_table(cfg: ModelConfig, tp: int = 1) -> list[ParamInfo]:
     """Every parameter of the model in pipeline order (see the module doc). With tied embeddings
-    the head has no weight of its own (it reads ``embedding.word_embeddings.weight``)."""
+    the head has no weight of its own (it reads ``embedding.word_embeddings.weight``; under
+    pipeline parallelism the head's copy is that row's ``pipe_copy``)."""
     rows = []
+    head_layer = cfg.num_layers + 2
     for layer, (prefix, params) in enumerate(_layer_params(cfg, tp)):
         for local, shape, split in params:
-            rows.append(ParamInfo(f"{prefix}.{local}", layer, local, shape, split))
+            copy = None
+            if cfg.tie_embeddings and layer == 0 and local == "word_embeddings.weight":
+                copy = f"{head_layer}.output.weight"
+            rows.append(ParamInfo(f"{prefix}.{local}", layer, local, shape, split, copy))
     return rows
+
+
+def pipeline_names(cfg: ModelConfig, tp: int = 1) -> dict[str, ParamInfo]:
+    """Every tensor name of DeepSpeed's PipelineModule (``pipe_name`` and ``pipe_copy``) -> its row."""
+    out = {}
+    for p in param_table(cfg, tp):
+        out[p.pipe_name] = p
+        if p.pipe_copy:
+            out[p.pipe_copy] = p
+    return out
 
 
 def param_index(cfg: ModelConfig, tp: int = 1) -> dict[str, ParamInfo]:

@@ -25,6 +25,12 @@ class ParallelConfig:
     sequence_parallel: bool = False
     partition_method: str = "bloom"
     activation_checkpointing: str = "none"
+    # ZeRO gradient communication (DeepSpeed's zero_optimization keys; sizes in elements):
+    # overlap_comm reduces gradient buckets while the backward pass still runs (ZeRO 1-3).
+    overlap_comm: bool = False
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    contiguous_gradients: bool = True
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp"):
@@ -43,6 +49,18 @@ class ParallelConfig:
         if self.sequence_parallel:
             raise ConfigError("parallel.sequence_parallel=true is not supported yet: "
                               "set parallel.sequence_parallel=false")
+        for name in ("reduce_bucket_size", "allgather_bucket_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"parallel.{name} must be a positive number of elements (e.g. 500000000), "
+                                  f"got {value!r}")
+        if self.overlap_comm and self.zero_stage == 0:
+            raise ConfigError("parallel.overlap_comm=true needs ZeRO (it overlaps ZeRO's gradient reduction "
+                              "with the backward pass): set parallel.zero_stage=1 or 2, or overlap_comm=false")
+        if self.overlap_comm and self.pp > 1:
+            raise ConfigError(f"parallel.overlap_comm=true with parallel.pp={self.pp}: DeepSpeed's pipeline engine "
+                              "reduces gradients after the pipeline schedule and would silently turn it off; "
+                              "set parallel.overlap_comm=false (bucket sizes still apply)")
         if self.pp > 1 and self.zero_stage > 1:
             raise ConfigError(f"parallel.zero_stage={self.zero_stage} with parallel.pp={self.pp}: "
                               "DeepSpeed's pipeline engine supports ZeRO 0/1 only; set zero_stage=1")

@@ -3,7 +3,9 @@
 Every parameter is drawn in full (its TP = 1 shape) from a generator seeded by the run seed
 and the parameter's global name (``layers.7.mlp.down.weight``), then this rank keeps its
 TP slice (``layout.shard``). A model built with any TP x PP therefore starts from exactly
-the same weights, which is what makes losses comparable across layouts.
+the same weights, which is what makes losses comparable across layouts. A parameter marked
+``tied_to = <global name>`` (the LM head's copy of a tied embedding on the last pipeline stage)
+is drawn from that name, so it starts equal to the weight it copies.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def initialize_module(module: torch.nn.Module, prefix: str, cfg: ModelConfig, se
     for name, param in module.named_parameters():
         if not hasattr(param, "tp_split"):
             raise RuntimeError(f"parameter {prefix}.{name} has no TP layout (layout.mark)")
-        full_name = f"{prefix}.{name}"
+        full_name = getattr(param, "tied_to", f"{prefix}.{name}")
         if name.endswith("norm.weight"):
             param.fill_(1.0)
             continue
