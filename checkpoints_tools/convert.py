@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--dtype. masters: the fp32 master weights from the ZeRO-1/2 optimizer files rounded to "
                         "--dtype")
     p.add_argument("--tokenizer", help="tokenizer.model to export (default: the one the run used, from run.json)")
-    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (default 2GB)")
+    p.add_argument("--max-shard-size", default="1GB",
+                   help="largest safetensors file (default 1GB; one file is held in memory while it is written)")
     _common(p)
 
     p = sub.add_parser("meta-to-native", help="Meta params.json + consolidated.NN.pth -> native checkpoint",

@@ -56,7 +56,7 @@ def plan_shards(cfg: ModelConfig, dtype: torch.dtype, max_shard_bytes: int) -> d
 
 
 def write_hf(out: Path, cfg: ModelConfig, layers: Iterable[tuple[str, dict[str, torch.Tensor]]], dtype: torch.dtype,
-             max_shard_bytes: int = 2 * 10 ** 9, on_layer=None) -> dict:
+             max_shard_bytes: int = 10 ** 9, on_layer=None) -> dict:
     """Write the weights (streamed) and ``config.json``; returns the index written."""
     from safetensors.torch import save_file
     out.mkdir(parents=True, exist_ok=True)

@@ -106,8 +106,9 @@ class HFWeights:
         h = self._handle(f)
         return list(h.keys())
 
-    def get(self, name: str, rows: Optional[slice] = None) -> torch.Tensor:
-        """Tensor ``name`` (only ``rows`` of it when given); read from disk now."""
+    def get(self, name: str, rows: Optional[tuple] = None) -> torch.Tensor:
+        """Tensor ``name``, or only the index ``rows`` of it (a tuple of slices, e.g. ``(slice(0, 8),)`` for
+        rows, ``(slice(None), slice(0, 8))`` for columns); read from disk now."""
         f = self.where[name]
         h = self._handle(f)
         try:
@@ -147,6 +148,8 @@ def hf_layers(weights: HFWeights, cfg: ModelConfig, tp: int, dtype: Optional[tor
         for k, t in ours.items():
             if tuple(t.shape) != index[k].shape:
                 raise ConfigError(f"{k}: shape {tuple(t.shape)} disagrees with config.json ({index[k].shape})")
+        del hf
+        weights.close()  # unmap what was read: file pages must not pile up in RSS layer after layer
         yield layer, {k: (t.to(dtype) if dtype is not None else t) for k, t in ours.items()}
 
 
