@@ -128,6 +128,10 @@ def test_parity_through_files_every_layout(converted, dist_pool):
     jobs = [(case, tp, pp, str(root / f"{case}-tp{tp}pp{pp}"),
              str(root / "saved-by-engine") if (case, tp, pp) == ("gqa", 2, 2) else None)
             for case, layouts in LAYOUTS.items() for tp, pp in layouts]
+    # train.init_from=hf:DIR (each rank reads its slices: whole KV groups, bias rows, vocab rows, columns)
+    # and from a native checkpoint saved at another TP (unshard + re-slice)
+    jobs += [("gqa", 2, 2, f"hf:{refs['gqa'][2]}", None), ("qkv-bias", 2, 1, f"hf:{refs['qkv-bias'][2]}", None),
+             ("mha", 2, 2, str(root / "mha-tp1pp1"), None)]
     results = dist_pool(4).run(_run, jobs, tokens)
     for j, (case, tp, pp, _, save_to) in enumerate(jobs):
         cfg, hf, _ = refs[case]
