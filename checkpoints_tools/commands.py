@@ -147,12 +147,20 @@ def native_to_hf(args) -> int:
     ck = open_native(args.checkpoint)
     cfg = ck.model
     dtype = DTYPES[args.dtype]
+    try:
+        from megatron_llama.checkpoint import optimizer_state  # comes with `mllama-convert reshard`
+    except ImportError:
+        optimizer_state = None
+    if args.weights is None:  # masters when this version can read them and the checkpoint has them
+        has_masters = not ck.meta.get("weights_only") and ck.config.parallel.zero_stage in (1, 2)
+        args.weights = "masters" if optimizer_state is not None and has_masters else "module"
     if args.weights == "masters":
-        try:
-            from megatron_llama.checkpoint import optimizer_state  # provided by `mllama-convert reshard`
-        except ImportError:
-            raise ConfigError("--weights masters is not available yet (it comes with `mllama-convert reshard`): "
-                              "use --weights module") from None
+        if optimizer_state is None:
+            raise ConfigError("--weights masters is not available in this version yet (it comes with "
+                              "`mllama-convert reshard`): use --weights module")
+        if ck.meta.get("weights_only"):
+            raise ConfigError(f"{ck.path} is a weights-only checkpoint (no optimizer state, no fp32 masters): "
+                              "use --weights module")
         layers = optimizer_state.master_layers(ck, dtype)
     else:
         layers = ck.layers()

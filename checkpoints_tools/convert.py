@@ -1,6 +1,6 @@
-"""``mllama-convert``: checkpoint conversion between Hugging Face, Meta and our native format.
+"""mllama-convert: checkpoint conversion between Hugging Face, Meta and our native format.
 
-Examples::
+Examples:
 
     # published HF weights -> a native checkpoint for TP2 x PP2 (weights only), then train from it
     mllama-convert hf-to-native meta-llama/Llama-2-7b-hf ckpt/llama2-7b-tp2pp2 --tp 2 --pp 2
@@ -38,7 +38,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verify", choices=("auto", "yes", "no"), default="auto",
                    help="forward the same tokens through input and output and compare logits "
-                        "(auto: when the model has < 2e9 parameters)")
+                        "(auto: when the model has < 5e8 parameters)")
 
 
 def _layout(p: argparse.ArgumentParser) -> None:
@@ -71,10 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("out")
     p.add_argument("--dtype", choices=_DTYPES, default="bf16", help="dtype of the exported weights (default bf16)")
-    p.add_argument("--weights", choices=("module", "masters"), default="module",
-                   help="module: the module weights DeepSpeed saved (bf16 on GPU runs, fp32 on CPU runs), cast to "
-                        "--dtype. masters: the fp32 master weights from the ZeRO-1/2 optimizer files rounded to "
-                        "--dtype")
+    p.add_argument("--weights", choices=("masters", "module"), default=None,
+                   help="masters (the default for ZeRO-1/2 checkpoints with optimizer state): the fp32 master "
+                        "weights from the ZeRO optimizer files, rounded to --dtype once. module (the default "
+                        "otherwise, e.g. for weights-only checkpoints): the module weights DeepSpeed saved (bf16 on "
+                        "GPU runs, fp32 on CPU runs), cast to --dtype")
     p.add_argument("--tokenizer", help="tokenizer.model to export (default: the one the run used, from run.json)")
     p.add_argument("--max-shard-size", default="1GB",
                    help="largest safetensors file (default 1GB; one file is held in memory while it is written)")
