@@ -53,6 +53,24 @@ def test_hf_round_trip_through_tp2_pp2_is_bitwise(tmp_path):
     assert json.loads((tmp_path / "back" / "generation_config.json").read_text())["eos_token_id"] == 2
 
 
+def test_pytorch_bin_input(tmp_path):
+    cfg = case_config("mha")
+    d = tmp_path / "bin"
+    model = hf_reference(cfg, "llama", seed=2)
+    model.save_pretrained(d)
+    for f in d.glob("*.safetensors*"):
+        f.unlink()
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # two pytorch_model-*.bin with an index
+    keys = sorted(state)
+    halves = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+    for name, ks in halves.items():
+        torch.save({k: state[k] for k in ks}, d / name)
+    (d / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": 0},
+                                                                   "weight_map": {k: n for n, ks in halves.items()
+                                                                                  for k in ks}}))
+    assert _run(["hf-to-native", str(tmp_path / "bin"), str(tmp_path / "n"), "--tp", "2", "--verify", "yes"]) == 0
+
+
 def test_tied_export_has_no_lm_head_and_loads(tmp_path):
     import transformers
     hf = _hf_dir(tmp_path, "tied")
@@ -194,8 +212,8 @@ def test_bad_input(tmp_path, capsys):
     (gpt / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "n_embd": 64}))
     _fails(capsys, ["hf-to-native", str(gpt), str(out)], "not a LLaMA-family checkpoint", out)
     _fails(capsys, ["native-to-hf", str(tmp_path / "nothing"), str(out)], "does not exist", out)
-    # TP not dividing the KV heads (tiny-gqa: 4)
-    _fails(capsys, ["hf-to-native", str(hf), str(out), "--tp", "3"], "--tp=3 does not divide", out)
+    # TP not dividing the KV heads (tiny-gqa: 8 heads, 4 KV heads)
+    _fails(capsys, ["hf-to-native", str(hf), str(out), "--tp", "8"], "--tp=8 does not divide model.num_kv_heads=4", out)
     # shapes that disagree with the config
     bad_cfg = tmp_path / "badcfg"
     shutil.copytree(hf, bad_cfg)
