@@ -68,7 +68,9 @@ def write_hf(out: Path, cfg: ModelConfig, layers: Iterable[tuple[str, dict[str, 
         hf = layer_native_to_hf(ours, cfg, name)
         for k, t in hf.items():
             f = plan[k]
-            t = t.to(dtype).contiguous().clone()  # its own storage: safetensors refuses shared ones
+            t = t.to(dtype).contiguous()
+            if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                t = t.clone()  # a view (q of the fused qkv, ...): safetensors refuses shared storage
             total += t.numel() * t.element_size()
             pending.setdefault(f, {})[k] = t
             remaining[f] -= 1

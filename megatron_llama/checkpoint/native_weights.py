@@ -148,9 +148,17 @@ class NativeCheckpoint:
         (default: this checkpoint's TP)."""
         shards = self.layer_shards(layer)
         rows = self.model.padded_vocab_size(pad_for_tp or self.tp)
-        return {p.name: (repad_vocab(full, rows) if p.vocab_rows else full.clone())
-                for p in self.table if p.layer == layer
-                for full in [unshard([s[p.name] for s in shards], p.split)]}
+        out = {}
+        for p in self.table:
+            if p.layer != layer:
+                continue
+            full = unshard([s[p.name] for s in shards], p.split)
+            if p.vocab_rows:
+                full = repad_vocab(full, rows)
+            elif full.data_ptr() == shards[0][p.name].data_ptr():
+                full = full.clone()  # not a view of the memory-mapped file (a cat already copied)
+            out[p.name] = full
+        return out
 
     def layers(self, pad_for_tp: Optional[int] = None) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         """``(layer name, full tensors)`` for every pipeline layer in order, one layer in memory at a
