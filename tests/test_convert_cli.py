@@ -180,14 +180,14 @@ def test_meta_to_native_matches_interleaved_reference(tmp_path, monkeypatch):
     _write_meta(w, META, tmp_path / "meta")
     tokens = torch.randint(0, META["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(1))
     ref = _meta_reference(w, META, tokens)
-    assert _run(["meta-to-native", str(tmp_path / "meta"), str(tmp_path / "n"), "--tp", "2", "--verify", "no"]) == 0
+    assert _run(["meta-to-native", str(tmp_path / "meta"), str(tmp_path / "n"), "--tp", "2"]) == 0
     ours = native_logits(str(tmp_path / "n"), tokens)
     err = ((ours - ref).norm() / ref.norm()).item()
     print(f"meta: rel err {err:.2e}")
     assert err < 1e-5
     # the same conversion without the rotary permutation must be caught by this test
     monkeypatch.setattr(meta, "interleaved_to_halves", lambda t, heads: t)
-    assert _run(["meta-to-native", str(tmp_path / "meta"), str(tmp_path / "bad"), "--verify", "no"]) == 0
+    assert _run(["meta-to-native", str(tmp_path / "meta"), str(tmp_path / "bad")]) == 0
     wrong = native_logits(str(tmp_path / "bad"), tokens)
     assert ((wrong - ref).norm() / ref.norm()).item() > 1e-2
 
