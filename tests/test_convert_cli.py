@@ -257,3 +257,23 @@ def test_vocabulary_smaller_than_tokenizer(tmp_path, capsys):
     hf = _hf_dir(tmp_path)  # vocabulary 501 < 600 pieces
     _fails(capsys, ["hf-to-native", str(hf), str(tmp_path / "out"), "--tokenizer", tok],
            "has 600 ids but the model's vocabulary has only 501", tmp_path / "out")
+
+
+def test_init_from_is_ignored_when_the_run_resumes_and_checks_the_shape(tmp_path):
+    from launch.train import _init_from
+    from megatron_llama.checkpoint.init_from import load_initial_weights
+    from megatron_llama.config import ConfigError, load_config
+    from types import SimpleNamespace
+    hf = _hf_dir(tmp_path)
+    cfg = load_config(None, ["model.preset=tiny-gqa", "model.vocab_size=501", f"train.save_dir={tmp_path / 'run'}",
+                             f"train.init_from=hf:{hf}"])
+    layout = SimpleNamespace(tp=1, pp=1)
+    load, line = _init_from(cfg, layout, save=True)
+    assert load is not None and line.startswith("initialised from Hugging Face directory") and "step 0" in line
+    (tmp_path / "run" / "step0000005").mkdir(parents=True)
+    (tmp_path / "run" / "step0000005" / "run.json").write_text("{}")
+    load, line = _init_from(cfg, layout, save=True)
+    assert load is None and "ignored: resuming" in line
+    other = load_config(None, ["model.preset=tiny", "model.vocab_size=501"])  # 4 KV heads, not tiny-gqa's
+    with pytest.raises(ConfigError, match="different model shape: num_attention_heads=8 \\(run: 4\\)"):
+        load_initial_weights(torch.nn.Linear(1, 1), other.model, f"hf:{hf}", 0, 1, pipelined=False)
