@@ -1,6 +1,6 @@
 """Model weights of a native (DeepSpeed) checkpoint: read them at any layout, write them at any layout.
 
-What DeepSpeed 0.19.8 writes (checked by saving real engines; tests/test_convert_native.py):
+What DeepSpeed 0.19.8 writes (checked by saving real engines; tests/test_convert_parity.py reads what they write):
 
 * PP = 1 (``DeepSpeedEngine`` around ``LlamaModel``), ZeRO 0/1/2: ``mp_rank_{tp:02d}_model_states.pt``
   per TP rank (written by DP rank 0), ``"module"`` = that rank's state dict under global names
@@ -189,7 +189,7 @@ def open_native(path: str | os.PathLike) -> NativeCheckpoint:
     ckpt = resolve_checkpoint(path)
     try:
         meta = json.loads((ckpt / META).read_text())
-        config = config_from_dict({k: v for k, v in meta["config"].items()})
+        config = config_from_dict(meta["config"])
         layout = meta["layout"]
         tp, pp, dp = int(layout["tp"]), int(layout["pp"]), int(layout["dp"])
     except (ValueError, KeyError, TypeError) as e:
