@@ -10,6 +10,8 @@ and a checkpoint the engine then saves itself (real PipelineModule layer files) 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -64,29 +66,40 @@ def _logits(engine, layout, tokens):
 
 
 def _run(rank, world, jobs, tokens):
-    """For each job (case, tp, pp, native dir, save_to): logits at that layout started from the files."""
+    """For each job (case, tp, pp, sources, save_to): one engine at that layout; for every source, its
+    weights loaded (``train.init_from``'s loader) and the logits. The first source is loaded before
+    DeepSpeed wraps the model, as in training; later ones into the same parameters."""
+    from pathlib import Path
+
+    from megatron.core import parallel_state
+
     from megatron_llama.checkpoint import save as save_checkpoint
+    from megatron_llama.checkpoint.init_from import load_initial_weights
     from megatron_llama.config import load_config
     from pipelines.engine import TrainEngine
     from pipelines.topology import build_topology, init_distributed
-    from megatron.core import parallel_state
     out = []
-    for case, tp, pp, native, save_to in jobs:
-        cfg = load_config(None, _overrides(case, tp, pp, native))
+    for case, tp, pp, sources, save_to in jobs:
+        cfg = load_config(None, _overrides(case, tp, pp, sources[0]))
         device, _ = init_distributed()
         layout, topo = build_topology(cfg.parallel, 1, device)
-        from megatron_llama.checkpoint.init_from import load_initial_weights
-        engine = TrainEngine(cfg, layout, topo, device, lambda s: 1.0, init_weights=lambda m: load_initial_weights(
-            m, cfg.model, native, parallel_state.get_tensor_model_parallel_rank(), tp, pp > 1))
-        logits = _logits(engine, layout, tokens)
+
+        def load(module, source):
+            load_initial_weights(module, cfg.model, source, parallel_state.get_tensor_model_parallel_rank(), tp, pp > 1)
+        engine = TrainEngine(cfg, layout, topo, device, lambda s: 1.0, init_weights=lambda m: load(m, sources[0]))
+        logits = [_logits(engine, layout, tokens)]
+        for source in sources[1:]:
+            load(engine.engine.module, source)
+            logits.append(_logits(engine, layout, tokens))
         loaded_by_deepspeed = None
         if save_to:
             # DeepSpeed reads our files itself: perturb, load module-only, compare with what init_from gave
+            load(engine.engine.module, sources[0])
             before = {n: p.detach().clone() for n, p in engine.engine.module.named_parameters()}
             with torch.no_grad():
                 for p in engine.engine.module.parameters():
                     p.add_(1.0)
-            from pathlib import Path
+            native = sources[0]
             engine.engine.load_checkpoint(str(Path(native).parent), tag=Path(native).name, load_module_only=True,
                                           load_optimizer_states=False, load_lr_scheduler_states=False)
             loaded_by_deepspeed = all(torch.equal(before[n], p) for n, p in engine.engine.module.named_parameters())
@@ -125,25 +138,27 @@ def test_one_layer_split_across_files(converted):
 def test_parity_through_files_every_layout(converted, dist_pool):
     root, refs = converted
     tokens = torch.randint(0, 501, (2, SEQ), generator=torch.Generator().manual_seed(3))
-    jobs = [(case, tp, pp, str(root / f"{case}-tp{tp}pp{pp}"),
+    # one engine per (case, layout); its sources: the native files converted for that layout, and
+    # train.init_from=hf:DIR (each rank reads its slices: whole KV groups, bias rows, vocab rows, columns)
+    # or a native checkpoint saved at another TP (unshard + re-slice)
+    extra = {("mha", 2, 2): [str(root / "mha-tp1pp1")], ("gqa", 2, 2): [f"hf:{refs['gqa'][2]}"],
+             ("qkv-bias", 2, 2): [f"hf:{refs['qkv-bias'][2]}"]}
+    jobs = [(case, tp, pp, [str(root / f"{case}-tp{tp}pp{pp}")] + extra.get((case, tp, pp), []),
              str(root / "saved-by-engine") if (case, tp, pp) == ("gqa", 2, 2) else None)
             for case, layouts in LAYOUTS.items() for tp, pp in layouts]
-    # train.init_from=hf:DIR (each rank reads its slices: whole KV groups, bias rows, vocab rows, columns)
-    # and from a native checkpoint saved at another TP (unshard + re-slice)
-    jobs += [("gqa", 2, 2, f"hf:{refs['gqa'][2]}", None), ("qkv-bias", 2, 1, f"hf:{refs['qkv-bias'][2]}", None),
-             ("mha", 2, 2, str(root / "mha-tp1pp1"), None)]
     results = dist_pool(4).run(_run, jobs, tokens)
-    for j, (case, tp, pp, _, save_to) in enumerate(jobs):
+    for j, (case, tp, pp, sources, save_to) in enumerate(jobs):
         cfg, hf, _ = refs[case]
         with torch.no_grad():
             ref = hf(tokens).logits
-        last = [r[j] for r in results if r[j][0] is not None]
-        assert last, f"{case} TP{tp}·PP{pp}: no rank returned logits"
-        for logits, loaded_by_ds in last:
-            err = rel_err(logits[..., :cfg.vocab_size], ref)
-            print(f"{case} TP{tp}·PP{pp}: rel err {err:.2e}")
-            assert err < TOL, f"{case} TP{tp}·PP{pp}: logits differ from transformers by {err:.2e}"
-            assert torch.isinf(logits[..., cfg.vocab_size:]).all()
+        for s, source in enumerate(sources):
+            last = [r[j][0][s] for r in results if r[j][0][s] is not None]
+            assert last, f"{case} TP{tp}·PP{pp}: no rank returned logits"
+            for logits in last:
+                err = rel_err(logits[..., :cfg.vocab_size], ref)
+                assert err < TOL, f"{case} TP{tp}·PP{pp} from {source}: logits differ from transformers by {err:.2e}"
+                assert torch.isinf(logits[..., cfg.vocab_size:]).all()
+            print(f"{case} TP{tp}·PP{pp} from {Path(source).name}: rel err {err:.2e}")
         if save_to:
             assert all(r[j][1] for r in results), "DeepSpeed's load_checkpoint did not restore our files"
             _check_engine_checkpoint(save_to, refs[case])
