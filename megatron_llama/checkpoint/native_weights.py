@@ -11,8 +11,8 @@ What DeepSpeed 0.19.8 writes (checked by saving real engines; tests/test_convert
   Layer files do not depend on PP: the same files serve every PP size.
 * megatron-core's linear layers add ``<module>._extra_state: None`` entries; a strict
   ``load_state_dict`` wants them back, so the writer adds them and the reader skips them.
-* ZeRO-3 (PP = 1 only) keeps the weights in the optimizer partitions, not in the module files:
-  those are read through the fp32 masters (``--weights masters``), not here.
+* ZeRO-3 (PP = 1 only) keeps the weights in the optimizer partitions, not in the module files: not
+  supported yet (refused with one line).
 
 Reading is streamed: :meth:`NativeCheckpoint.layers` yields one pipeline layer's full (TP = 1)
 tensors at a time (``layout.unshard`` of the TP shards), with files opened by
@@ -196,8 +196,8 @@ def open_native(path: str | os.PathLike) -> NativeCheckpoint:
         raise ConfigError(f"{ckpt}/{META} is damaged or not ours ({e!s:.80}): use the run.json written with the "
                           "checkpoint") from None
     if config.parallel.zero_stage == 3 and pp == 1 and not meta.get("weights_only"):
-        raise ConfigError(f"{ckpt} was saved with ZeRO-3: its module files hold no weights; export the fp32 "
-                          "masters instead (--weights masters)")
+        raise ConfigError(f"{ckpt} was saved with ZeRO-3: its module files hold no weights and reading ZeRO-3 "
+                          "partitions is not supported yet; train with parallel.zero_stage 1 or 2 to convert the run")
     per_layer = (ckpt / layer_file(0, 0)).is_file()
     expected = ([layer_file(p.layer, r) for p in param_table(config.model, tp) for r in range(tp)]
                 if per_layer else [mp_rank_file(0, r, tp) for r in range(tp)])
