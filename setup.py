@@ -11,6 +11,7 @@ setup(
         "deepspeed==0.19.8",
         "megatron-core==0.16.1",
         "sentencepiece>=0.2",
+        "protobuf",  # sentencepiece_model_pb2: a trained tokenizer file without machine-specific fields
         "wandb",
         "pyyaml",
         "numpy",

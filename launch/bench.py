@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from megatron_llama.config import ConfigError
+
 EPILOG = """examples:
   # one GPU, the 7B block shape cut to 8 layers, 16 sequences per optimizer step, vs HF
   mllama-bench --preset llama-7b-8l --layouts tp1pp1dp1 --mbs 2,4,8 --baseline hf-deepspeed
@@ -44,7 +46,9 @@ def _layouts(text: str) -> list[tuple[int, int, int]]:
             pp = int(item.split("pp")[1].split("dp")[0])
             dp = int(item.split("dp")[1])
         except (IndexError, ValueError):
-            raise SystemExit(f"error: layout {item!r} is not like tp2pp1dp4") from None
+            raise ConfigError(f"--layouts: {item!r} is not like tp2pp1dp4") from None
+        if min(tp, pp, dp) < 1:
+            raise ConfigError(f"--layouts: {item!r} has a size below 1: every one of tp, pp, dp must be >= 1")
         out.append((tp, pp, dp))
     return out
 
@@ -66,8 +70,32 @@ def _parallel_settings(text: str) -> dict:
     return out
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+def _ints(text: str, flag: str = "--mbs") -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: give comma-separated positive integers, e.g. 1,2,4") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"{flag} {text!r}: give comma-separated positive integers, e.g. 1,2,4")
+    return values
+
+
+def check_args(args) -> None:
+    """Every flag checked before any process starts or any file is written; raises ConfigError."""
+    from megatron_llama.config.paths import output_prefix
+    from megatron_llama.config.run import CHECKPOINT_MODES
+    for flag, value, low in (("--seqs-per-step", args.seqs_per_step, 1), ("--seq-len", args.seq_len, 2),
+                             ("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--gpus", args.gpus, 1)):
+        if value < low:
+            raise ConfigError(f"{flag} must be >= {low}, got {value}")
+    if args.timeout <= 0:
+        raise ConfigError(f"--timeout must be positive seconds, got {args.timeout:g}")
+    bad = [m for m in args.checkpointing.split(",") if m not in CHECKPOINT_MODES]
+    if bad:
+        raise ConfigError(f"--checkpointing {bad[0]!r}: choose from {', '.join(CHECKPOINT_MODES)}")
+    _layouts(args.layouts)
+    _ints(args.mbs)
+    output_prefix(args.out, "--out")
 
 
 def _run_one(spec: dict, timeout: float) -> dict:
@@ -191,42 +219,49 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-type", default="H100", help="--plan: A100, H100 or H200")
     args = p.parse_args(argv)
 
-    from megatron_llama.config import ConfigError, preset
-    from . import bench_plan
+    from megatron_llama.config import preset
     try:
+        check_args(args)
         cfg = preset(args.preset, max_seq_len=max(args.seq_len, 2048))
+        return _plan(args, cfg) if args.plan else _sweep(args, argv, cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        extra = _parallel_settings(args.parallel)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.plan:
-        gpu = bench_plan.GPUS.get(args.gpu_type.upper())
-        if gpu is None:
-            print(f"error: --gpu-type {args.gpu_type}: choose one of {', '.join(bench_plan.GPUS)}", file=sys.stderr)
-            return 2
-        rows = bench_plan.plan(cfg, gpu, args.gpus, args.seqs_per_step, args.seq_len)
-        print(f"plan: {args.preset} ({cfg.num_params() / 1e9:.1f}B) on {args.gpus} x {gpu.name}, "
-              f"{args.seqs_per_step} x {args.seq_len} tokens per step")
-        print(bench_plan.format_plan(rows))
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"plan": bench_plan.as_dicts(rows)}, indent=1))
-        return 0
 
+
+def _plan(args, cfg) -> int:
+    """The analytic layout ranking (launch/bench_plan.py): no GPU needed."""
+    from . import bench_plan
+    gpu = bench_plan.GPUS.get(args.gpu_type.upper())
+    if gpu is None:
+        raise ConfigError(f"--gpu-type {args.gpu_type}: choose one of {', '.join(bench_plan.GPUS)}")
+    rows = bench_plan.plan(cfg, gpu, args.gpus, args.seqs_per_step, args.seq_len)
+    if not rows:
+        raise ConfigError(f"no layout of {args.gpus} GPUs fits {args.preset} with {args.seqs_per_step} "
+                          "sequences per step (tp must divide the heads, dp the batch): change --gpus or "
+                          "--seqs-per-step")
+    print(f"plan: {args.preset} ({cfg.num_params() / 1e9:.1f}B) on {args.gpus} x {gpu.name}, "
+          f"{args.seqs_per_step} x {args.seq_len} tokens per step")
+    print(bench_plan.format_plan(rows))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"plan": bench_plan.as_dicts(rows)}, indent=1))
+    return 0
+
+
+def _sweep(args, argv, cfg) -> int:
+    from megatron_llama.config.run import ParallelConfig
+    extra = _parallel_settings(args.parallel)
+    for tp, pp, _dp in _layouts(args.layouts):
+        ParallelConfig(tp=tp, pp=pp).check_model(cfg)  # before any process starts
     from .bench_peers import PEERS
     peers = [b for b in args.baseline.split(",") if b]
     precisions = [x for x in args.precision.split(",") if x]
     for name in peers:
         if name not in PEERS:
-            print(f"error: --baseline {name}: choose from {', '.join(PEERS)}", file=sys.stderr)
-            return 2
+            raise ConfigError(f"--baseline {name}: choose from {', '.join(PEERS)}")
     for prec in precisions:
         if prec not in ("bf16", "fp8", "fp8-tensorwise", "fp8-rowwise"):
-            print(f"error: --precision {prec}: choose from bf16, fp8, fp8-rowwise", file=sys.stderr)
-            return 2
+            raise ConfigError(f"--precision {prec}: choose from bf16, fp8, fp8-rowwise")
     specs = []
     for tp, pp, dp in _layouts(args.layouts):
         for prec in precisions:
@@ -241,6 +276,9 @@ def main(argv=None) -> int:
                                       precision="fp8" if prec.startswith("fp8") else "auto",
                                       fp8_recipe="rowwise" if prec == "fp8-rowwise" else "tensorwise",
                                       parallel=extra))
+    if not specs:
+        raise ConfigError(f"no --mbs value in {args.mbs} times dp divides --seqs-per-step {args.seqs_per_step}:"
+                          " change --mbs or --seqs-per-step")
     gpus = max(s["tp"] * s["pp"] * s["dp"] for s in specs)
     for name in peers:
         for mbs in _ints(args.mbs):

@@ -7,8 +7,9 @@ Runs under any launcher that sets RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT 
     srun ... (see launch/slurm/train.sbatch)
 
 Started without a launcher (no RANK / WORLD_SIZE in the environment) it starts
-``parallel.tp * parallel.pp * parallel.dp`` processes on this machine itself through
-``torch.distributed.run`` and says so. gloo on CPU, NCCL on GPU, chosen automatically.
+``parallel.tp * parallel.pp * parallel.dp`` processes on this machine itself under a supervisor
+that restarts failed or hung runs (launch/supervisor.py) and says so. gloo on CPU, NCCL on GPU.
+Exit statuses: launch/exit_codes.py (also in ``--help``).
 
 Every bad layout or config is reported before any process group exists as one line
 ``error: <what and how to fix>`` (printed by rank 0 only), exit status 2, no traceback.
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +32,12 @@ from megatron_llama.config import ConfigError, RunConfig, load_config
 
 _START = time.perf_counter()
 USAGE = "mllama-train CONFIG.yaml [SECTION.KEY=VALUE ...]   (e.g. train.steps=50 parallel.tp=2)"
+EPILOG = """examples:
+  mllama-train configs/tiny-cpu-3d.yaml                  # starts tp*pp*dp local processes, supervised
+  mllama-train configs/tiny-cpu-3d.yaml train.steps=20 train.save_dir=runs/try
+  torchrun --nproc-per-node 8 -m launch.train configs/tiny-gpu-3d.yaml
+  sbatch --nodes 2 --gpus-per-node 8 launch/slurm/train.sbatch configs/llama-7b.yaml
+"""
 
 
 @dataclass
@@ -133,14 +139,16 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
     from .batches import open_batches
     from .lr_schedule import schedule_for
     from .metrics import StepLogger, fmt_count, fmt_duration
+    from .faults import Faults
     from .signals import StepBoundary, StopSignals, exit_code_for, signal_name
     from .wandb_log import WandbLogger
     from .monitor import RunMonitor
     from .rollback import SkippedSamples, reposition, respond
     from .spikes import StepGuard
     from .validation import Validator
+    from .watchdog import Heartbeat
 
-    device, _backend = init_distributed()
+    device, _backend = init_distributed(timeout_minutes=cfg.train.collective_timeout_s / 60)
     layout, topo = build_topology(cfg.parallel, cfg.train.seed, device)
     t = cfg.train
     init_weights, init_line = _init_from(cfg, layout, save)
@@ -178,17 +186,24 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
         monitor.start(start_step, {"resumed": bool(start_step), "layout": layout.describe(), "total_steps": t.steps,
                                    "tokens_per_step": tokens_per_step})
         logger.sink = monitor.train
-        boundary = None
+        heart = scope.enter_context(Heartbeat(layout.rank, t.hang_timeout_s))
+        boundary = stop = None
         if save:  # SIGTERM/SIGUSR1 now mean "save and stop at the next step boundary"
             stop = scope.enter_context(StopSignals())
             boundary = StepBoundary(stop, t.save_minutes, device, layout.rank)
+        # test hook (MLLAMA_FAULT, launch/faults.py); empty in real runs
+        faults = Faults(layout.rank, stop_requested=lambda: stop is not None and stop.received is not None,
+                        save_dir=t.save_dir)
         t0 = time.perf_counter()
         logger.restart_clock()
         step = start_step
         while step < end:
             consumed = reposition(batches, skips, consumed)  # past samples skipped by a rollback
-            micro = (next(batches) for _ in range(t.grad_accum_steps))
-            result = engine.train_step(micro)
+            heart.beat(step + 1, "data")
+            faults.at("stall", step)
+            micro = [next(batches) for _ in range(t.grad_accum_steps)]
+            heart.beat(step + 1, "step")
+            result = engine.train_step(iter(micro))
             step += 1
             samples = (consumed, consumed + global_batch)
             consumed += global_batch
@@ -214,16 +229,21 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
                 logger.print(f"validation at step {step}: loss {v['valid_loss']:.4f} | ppl {v['valid_ppl']:.2f}")
             if on_step is not None:
                 on_step(step)
+            for kind in ("kill", "term", "wait-signal", "corrupt"):
+                faults.at(kind, step)
             if boundary is None or step >= end:  # the last step is saved below anyway
                 continue
+            heart.beat(step, "boundary")
             decision = boundary.decide()  # the same on every rank
             if decision.stop_signal:
                 summary.stop_signal = decision.stop_signal
                 break
             interval = bool(t.save_interval) and step % t.save_interval == 0
             if interval or decision.timed_save:
+                heart.beat(step, "save")
                 checkpoint.save(engine, cfg, layout, t.save_dir, step, consumed, result.loss,
-                                reason="interval" if interval else "timed", extra=run_state())
+                                reason="interval" if interval else "timed", extra=run_state(),
+                                on_written=lambda s: faults.at("kill-saving", s))
                 boundary.saved()
         summary.wall_time_s = time.perf_counter() - t0
         summary.steps = step - start_step
@@ -231,9 +251,10 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
         summary.tokens_per_s = summary.steps * tokens_per_step / max(summary.wall_time_s, 1e-9)
         if save and summary.steps and not summary.diverged:  # a diverged state is not worth a checkpoint
             reason = signal_name(summary.stop_signal) if summary.stop_signal else "end"
+            heart.beat(step, "save")
             summary.checkpoint = str(checkpoint.save(engine, cfg, layout, t.save_dir, step, consumed,
-                                                     summary.losses[-1], reason=reason,
-                                                     extra=run_state()))
+                                                     summary.losses[-1], reason=reason, extra=run_state(),
+                                                     on_written=lambda s: faults.at("kill-saving", s)))
         monitor.end(step, {"status": "diverged" if summary.diverged else (signal_name(summary.stop_signal)
                                                                           if summary.stop_signal else "done"),
                            "wall_time_s": round(summary.wall_time_s, 2)})
@@ -302,18 +323,15 @@ def _write_summary(cfg: RunConfig, layout, summary: TrainSummary, total_s: float
     (root / "summary.txt").write_text("\n".join(lines) + "\n")
 
 
-def _relaunch(nproc: int, argv: list[str]) -> int:
-    """Start ``nproc`` local processes of this trainer through torch.distributed.run."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "launch.train", *argv]
-    print(f"mllama-train: no distributed launcher detected; starting {nproc} local processes:\n  "
-          + " ".join(cmd), flush=True)
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else env.get("DS_ACCELERATOR", "cuda"))
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    proc = subprocess.run(cmd, env=env)
-    return proc.returncode
+def _supervise(nproc: int, argv: list[str], cfg: RunConfig) -> int:
+    """Start ``nproc`` local ranks of this trainer under the restarting supervisor."""
+    from .supervisor import supervise
+    restarts = (f"restarts on failure or hang: up to {cfg.train.max_restarts}" if cfg.train.max_restarts
+                else "no restarts (train.max_restarts=0)")
+    print(f"mllama-train: no distributed launcher detected; starting {nproc} local processes "
+          f"({restarts})", flush=True)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    return supervise(argv, nproc, cfg.train.max_restarts, cfg.train.restart_backoff_s)
 
 
 def _has_cuda() -> bool:
@@ -322,49 +340,48 @@ def _has_cuda() -> bool:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from megatron_llama.config.paths import writable_dir
+    from . import exit_codes
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="mllama-train", usage=USAGE, description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="mllama-train", usage=USAGE,
+                                     description=__doc__.split("\n")[0].replace("``", ""),
+                                     epilog=EPILOG + "\n" + exit_codes.HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="run YAML (see configs/)")
     parser.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE")
+    parser.add_argument("--print-save-dir", action="store_true",
+                        help="print the run's train.save_dir and exit (job scripts: the kill switch lives there)")
     # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     in_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_save_dir:
+            print(cfg.train.save_dir)
+            return exit_codes.DONE
         if cfg.train.precision == "fp8":  # refuse before any process starts
             from megatron_llama.model import fp8
             fp8.check_supported()
+        writable_dir(cfg.train.save_dir, "train.save_dir")  # before any step, not at the first save
         if not in_launcher:
             n = processes_needed(cfg)
             validate_layout(cfg, n)
-            if n > 1:
-                return _relaunch(n, argv)
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+            return _supervise(n, [a for a in argv if a != "--print-save-dir"], cfg)
         validate_layout(cfg, int(os.environ["WORLD_SIZE"]))
         _quiet_libraries()
         summary = train(cfg)
     except ConfigError as e:
         if _env_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return exit_codes.BAD_INPUT
     if summary is None:
-        return 1
+        return exit_codes.FAILED
     if summary.diverged:
-        from .spikes import DIVERGED
-        return DIVERGED
+        return exit_codes.DIVERGED
     if summary.stop_signal:  # saved and stopped early: 128 + signal, like a shell (launch/signals.py)
-        from .signals import exit_code_for
-        return exit_code_for(summary.stop_signal)
-    return 0
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return exit_codes.for_signal(summary.stop_signal)
+    return exit_codes.DONE
 
 
 def _quiet_libraries() -> None:

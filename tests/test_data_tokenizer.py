@@ -93,3 +93,11 @@ def test_cli_train(tmp_path, capsys):
     with pytest.raises(SystemExit):
         tokenizer_main(["--help"])
     assert "examples:" in capsys.readouterr().out
+
+
+def test_training_the_same_corpus_twice_gives_the_same_file(tok, tmp_path):
+    """The model file used to embed the temporary training path: every training changed the
+    checksum and so invalidated preprocessed-data caches for nothing."""
+    again = Tokenizer.load(train_tokenizer([str(CORPUS)], str(tmp_path / "elsewhere" / "t"), 512))
+    assert again.checksum == tok.checksum
+    assert Path(again.path).read_bytes() == Path(tok.path).read_bytes()

@@ -16,8 +16,11 @@ Protocol of :func:`save` (every rank calls it at the same step boundary):
    then prunes to the newest ``train.keep_last`` complete checkpoints (0 = keep all); barrier.
 
 A checkpoint is *complete* when its directory has its final name and a ``run.json``. A crash at any
-point leaves either the previous ``latest`` or the new one, both complete. :func:`latest` trusts
-``latest`` when it names a complete checkpoint (so pointing it at an older one rolls back), and
+point leaves either the previous ``latest`` or the new one, both complete. ``run.json`` lists every
+file's size and CRC-32 (``integrity.py``); :func:`resume` verifies them and, when a file is missing,
+truncated or corrupt, says so in one warning line and falls back to the previous complete
+checkpoint. Pruning never removes the newest checkpoint whose files still have their sizes.
+:func:`latest` trusts ``latest`` when it names a complete checkpoint (so pointing it at an older one rolls back), and
 otherwise takes the newest complete directory. A checkpoint can only be resumed with the same
 TP, PP and DP (DeepSpeed does not reshard); the error says so. ``mllama-convert reshard`` writes a
 checkpoint for another layout (``resharded.py``), which :func:`resume` loads like any other.
@@ -37,6 +40,8 @@ from typing import Optional
 import torch.distributed as dist
 
 from megatron_llama.config import ConfigError, config_to_dict
+
+from . import integrity
 
 META = "run.json"
 LATEST = "latest"
@@ -72,9 +77,10 @@ def _write_shards(engine, save_dir: str, tag: str, state: dict) -> None:
 
 
 def save(engine, cfg, layout, save_dir: str, step: int, consumed_samples: int, last_loss: float,
-         reason: str = "interval", extra: Optional[dict] = None) -> Path:
+         reason: str = "interval", extra: Optional[dict] = None, on_written=None) -> Path:
     """Write a checkpoint of ``step`` on all ranks (see the module doc); returns its directory.
-    ``extra`` is added to ``run.json`` (e.g. ``skipped_samples``, launch/rollback.py)."""
+    ``extra`` is added to ``run.json`` (e.g. ``skipped_samples``, launch/rollback.py).
+    ``on_written(step)`` runs on every rank once all shards are in ``stepN.tmp`` (a test hook)."""
     root = Path(save_dir)
     tag = tag_for(step)
     tmp_tag = tag + TMP_SUFFIX
@@ -87,13 +93,16 @@ def save(engine, cfg, layout, save_dir: str, step: int, consumed_samples: int, l
     _barrier()  # nobody writes into a directory rank 0 is still removing
     _write_shards(engine, save_dir, tmp_tag, {"step": step, "consumed_samples": consumed_samples})
     _barrier()  # every rank has written its shards
+    files = integrity.manifest(tmp)  # collective: the ranks share the hashing
+    if on_written is not None:
+        on_written(step)
     if _rank() == 0:
         import deepspeed
         import megatron.core
         import torch
         meta = {"step": step, "consumed_samples": consumed_samples, "last_loss": last_loss, "reason": reason,
                 "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "world_size": layout.world_size},
-                "config": config_to_dict(cfg), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "config": config_to_dict(cfg), "files": files, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
                              "megatron-core": getattr(megatron.core, "__version__", "?")}, **(extra or {})}
         _write_atomic(tmp / META, json.dumps(meta, indent=2, default=str))
@@ -120,17 +129,30 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def prune(root: Path, keep_last: int) -> None:
-    """Keep the newest ``keep_last`` complete checkpoints (0 = all) and the one ``latest`` names;
-    remove stale temporary directories."""
+    """Keep the newest ``keep_last`` complete checkpoints (0 = all), the one ``latest`` names and
+    the newest one whose files all still have their recorded sizes; remove stale temporary
+    directories."""
     for stale in root.glob("step*" + TMP_SUFFIX):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
     if keep_last <= 0:
         return
-    pinned = _read_latest(root)
-    for old in complete_checkpoints(root)[:-keep_last]:
-        if old.name != pinned:
+    complete = complete_checkpoints(root)
+    pinned = {_read_latest(root)}
+    pinned.update(p.name for p in complete[-keep_last:])
+    intact = next((p for p in reversed(complete) if integrity.check_sizes(p, _files_of(p)) is None), None)
+    if intact is not None:
+        pinned.add(intact.name)
+    for old in complete:
+        if old.name not in pinned:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _files_of(ckpt: Path) -> Optional[dict]:
+    try:
+        return json.loads((ckpt / META).read_text()).get("files")
+    except (OSError, ValueError):
+        return None
 
 
 def _read_latest(root: Path) -> Optional[str]:
@@ -140,32 +162,72 @@ def _read_latest(root: Path) -> Optional[str]:
         return None
 
 
-def latest(save_dir: str) -> Optional[dict]:
-    """Metadata (plus ``tag``) of the checkpoint to resume from, or None when there is none.
-
-    ``latest`` when it names a complete checkpoint; otherwise the newest complete one (``latest``
-    missing, or naming a directory without ``run.json``). Temporary directories never count.
-    """
+def candidates(save_dir: str) -> list[Path]:
+    """Complete checkpoints in the order a resume tries them: the one ``latest`` names (so pointing
+    it at an older one rolls back) and then the older ones, newest first; without a valid
+    ``latest``, all of them, newest first. Temporary directories never count."""
     root = Path(save_dir)
     named = _read_latest(root)
-    candidates = complete_checkpoints(root)
-    chosen = next((p for p in candidates if p.name == named), None) or (candidates[-1] if candidates else None)
-    if chosen is None:
-        return None
+    found = complete_checkpoints(root)
+    names = [p.name for p in found]
+    if named in names:
+        found = found[:names.index(named) + 1]
+    return found[::-1]
+
+
+def _meta(ckpt: Path) -> Optional[dict]:
     try:
-        info = json.loads((chosen / META).read_text())
+        info = json.loads((ckpt / META).read_text())
     except (OSError, ValueError):
         return None
-    info["tag"] = chosen.name
+    info["tag"] = ckpt.name
     return info
 
 
-def resume(engine, layout, save_dir: str) -> tuple[int, int]:
-    """Load the newest complete checkpoint if there is one: ``(step, consumed_samples)``, or ``(0, 0)``."""
-    info = latest(save_dir)
-    if info is None:
-        return 0, 0
+def latest(save_dir: str) -> Optional[dict]:
+    """Metadata (plus ``tag``) of the first of :func:`candidates` with a readable ``run.json``
+    (not verified: see :func:`resume`), or None when there is none."""
+    return next((m for p in candidates(save_dir) if (m := _meta(p)) is not None), None)
+
+
+def resume(engine, layout, save_dir: str, warn=None) -> tuple[int, int]:
+    """Load the newest complete, intact checkpoint: ``(step, consumed_samples)``, or ``(0, 0)``.
+
+    Every rank calls it. A checkpoint whose files do not match the sizes and checksums in its
+    ``run.json`` is skipped with one warning line (rank 0) naming it and the damage; the previous
+    complete one is tried next, and ``latest`` is pointed at the one loaded (the damaged one stays
+    on disk for inspection until pruned). Stale ``*.tmp`` directories of a crashed save are removed
+    first.
+    """
     root = Path(save_dir)
+    if _rank() == 0 and root.is_dir():
+        for stale in root.glob("step*" + TMP_SUFFIX):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
+    for i, ckpt in enumerate(candidates(save_dir)):
+        info = _meta(ckpt)
+        problem = "run.json is unreadable" if info is None else integrity.verify(ckpt, info.get("files"))
+        if problem is not None:
+            if _rank() == 0:
+                (warn or _warn)(f"warning: checkpoint {ckpt} is damaged ({problem}): falling back to the "
+                                "previous complete checkpoint")
+            continue
+        loaded = _load(engine, layout, save_dir, info)
+        if i:  # `latest` now names what was loaded: latest() agrees, the damaged one is not tried again
+            if _rank() == 0:
+                _write_atomic(root / LATEST, ckpt.name)
+            _barrier()
+        return loaded
+    return 0, 0
+
+
+def _warn(line: str) -> None:
+    import sys
+    print(line, file=sys.stderr, flush=True)
+
+
+def _load(engine, layout, save_dir: str, info: dict) -> tuple[int, int]:
     saved = info["layout"]
     if (saved["tp"], saved["pp"], saved["dp"]) != (layout.tp, layout.pp, layout.dp):
         raise ConfigError(f"checkpoint {save_dir}/{info['tag']} was saved with TP{saved['tp']}·PP{saved['pp']}"
@@ -174,8 +236,14 @@ def resume(engine, layout, save_dir: str) -> tuple[int, int]:
                           "or set train.save_dir to a new directory")
     if info.get("format") == "resharded":  # written by `mllama-convert reshard` for this layout
         from .resharded import load_into_engine
-        return load_into_engine(engine, layout, root / info["tag"], info)
-    state = engine.load(save_dir, tag=info["tag"])
+        return load_into_engine(engine, layout, Path(save_dir) / info["tag"], info)
+    try:
+        state = engine.load(save_dir, tag=info["tag"])
+    except (RuntimeError, KeyError, ValueError, OSError) as e:  # intact files that do not fit this model
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"could not load checkpoint {save_dir}/{info['tag']} into this model ({first}): "
+                          "resume with the config it was saved with (its run.json) or set train.save_dir "
+                          "to a new directory") from None
     if state is None:
         raise ConfigError(f"could not load checkpoint {save_dir}/{info['tag']}: delete it or set a new train.save_dir")
     return int(state["step"]), int(state["consumed_samples"])

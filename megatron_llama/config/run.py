@@ -137,6 +137,11 @@ class TrainConfig:
     spike_warmup: int = 20
     spike_max_in_row: int = 5  # this many skipped / rolled-back steps in a row: stop, exit status 4
     fp8_recipe: str = "tensorwise"  # precision=fp8: float8 scaling, tensorwise or rowwise
+    # resilience (launch/supervisor.py, launch/watchdog.py, launch/exit_codes.py)
+    max_restarts: int = 3            # restarts of failed (1) or hung (3) ranks by mllama-train's supervisor
+    restart_backoff_s: float = 10.0  # wait before the first restart, doubled each time (at most 5 min)
+    hang_timeout_s: float = 600.0    # a rank without progress this long exits 3 (0 = no watchdog)
+    collective_timeout_s: float = 1800.0  # torch.distributed process-group timeout
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval", "eval_iters",
@@ -155,9 +160,12 @@ class TrainConfig:
             raise ConfigError(f"train.spike_action={self.spike_action!r}: choose one of {', '.join(SPIKE_ACTIONS)}")
         if self.spike_zscore <= 0:
             raise ConfigError(f"train.spike_zscore must be positive, got {self.spike_zscore}")
-        for name in ("save_interval", "save_minutes", "keep_last", "eval_interval", "spike_warmup"):
+        for name in ("save_interval", "save_minutes", "keep_last", "eval_interval", "spike_warmup", "max_restarts",
+                     "restart_backoff_s", "hang_timeout_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+        if self.collective_timeout_s <= 0:
+            raise ConfigError(f"train.collective_timeout_s must be positive, got {self.collective_timeout_s}")
 
     def check_batch(self, dp: int) -> None:
         gbs = self.micro_batch_size * self.grad_accum_steps * dp

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..config.errors import ConfigError
+from ..config.paths import output_prefix
 from .indexed import IndexedWriter, token_dtype
 from .jsonl import lines_of, open_binary, parse_line
 from .tokenizer import Tokenizer
@@ -122,6 +123,9 @@ def preprocess(inputs: list[str], output: str, tokenizer: str, text_key: str = "
     for p in inputs:
         if not Path(p).is_file():
             raise ConfigError(f"input {p} does not exist: pass JSONL files (.jsonl, .jsonl.gz, .jsonl.zst)")
+    if chunk_bytes < 1 or (workers is not None and workers < 1):
+        raise ConfigError(f"--workers must be >= 1 and --chunk-mb > 0, got {workers} and {chunk_bytes / 1e6:g}")
+    output_prefix(output, "--output")
     tok = Tokenizer.load(tokenizer)  # fail here, not inside a worker
     workers = max(1, workers or os.cpu_count() or 1)
     summary = Summary(output=output)

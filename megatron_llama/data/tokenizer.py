@@ -17,6 +17,7 @@ from typing import Iterable, Iterator, Union
 import sentencepiece as spm
 
 from ..config.errors import ConfigError
+from ..config.paths import output_prefix
 from .jsonl import iter_texts
 
 LLAMA_TRAINER_SPEC = dict(
@@ -86,6 +87,9 @@ def _lines(texts: Iterator[str], limit: int) -> Iterator[str]:
     return itertools.islice(lines, limit)
 
 
+MIN_VOCAB = 260
+
+
 def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int, text_key: str = "text",
                     max_sentences: int = 5_000_000, num_threads: int | None = None) -> str:
     """Train a LLaMA-style BPE model on JSONL (or .txt) files; returns ``<model_prefix>.model``.
@@ -98,6 +102,12 @@ def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int, text_
     for path in inputs:
         if not Path(path).is_file():
             raise ConfigError(f"input {path} does not exist: pass JSONL or .txt files")
+    if vocab_size < MIN_VOCAB:
+        raise ConfigError(f"tokenizer vocab_size={vocab_size} is too small: use at least {MIN_VOCAB} (the 256 "
+                          "byte fallback pieces, the special pieces and some merges)")
+    if max_sentences < 1:
+        raise ConfigError(f"max_sentences must be >= 1, got {max_sentences}")
+    output_prefix(model_prefix, "tokenizer output")
     sentences = _lines(iter_texts(list(inputs), text_key), max_sentences)
     first = next(sentences, None)
     if first is None:
@@ -116,6 +126,22 @@ def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int, text_
         except RuntimeError as e:
             msg = str(e).strip().splitlines()[-1]
             raise ConfigError(f"tokenizer training failed with vocab_size={vocab_size}: {msg}") from None
+        _make_deterministic(f"{tmp_prefix}.model", out.name)
         os.replace(f"{tmp_prefix}.vocab", f"{out}.vocab")
         os.replace(f"{tmp_prefix}.model", f"{out}.model")
     return f"{out}.model"
+
+
+def _make_deterministic(model_file: str, name: str) -> None:
+    """SentencePiece stores its training options in the model, among them the (temporary) output
+    prefix and the thread count: the same corpus would give a different file, and so a different
+    checksum, every time (invalidating preprocessed-data caches keyed on it). Keep only what does
+    not depend on where or on how many cores it was trained."""
+    from sentencepiece import sentencepiece_model_pb2
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(model_file, "rb") as f:
+        proto.ParseFromString(f.read())
+    proto.trainer_spec.model_prefix = name
+    proto.trainer_spec.ClearField("num_threads")
+    with open(model_file, "wb") as f:
+        f.write(proto.SerializeToString(deterministic=True))

@@ -1,0 +1,86 @@
+"""Exit statuses, the hang watchdog's decision, checkpoint checksums and pruning (one process)."""
+import json
+import signal
+
+from launch import exit_codes
+from launch.faults import Fault, Faults, parse
+from launch.watchdog import Heartbeat
+from megatron_llama.checkpoint import integrity
+from megatron_llama.checkpoint.directory import candidates, prune
+
+
+def test_exit_statuses_and_what_a_supervisor_does_with_them():
+    assert [exit_codes.should_restart(s) for s in (0, 1, 2, 3, 4, 143)] == [False, True, False, True, False, False]
+    assert exit_codes.from_returncode(-signal.SIGKILL) == exit_codes.FAILED  # killed: nothing was saved
+    assert exit_codes.from_returncode(143) == 143 and exit_codes.for_signal(signal.SIGUSR1) == 138
+    assert exit_codes.describe(138) == "stopped by SIGUSR1" and exit_codes.describe(3) == "hang detected"
+    for status in ("0 ", "1 ", "2 ", "3 ", "4 ", "128+N"):
+        assert f"\n  {status}" in "\n" + exit_codes.HELP
+
+
+class Clock:
+    t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_watchdog_reports_rank_step_and_phase_only_after_the_timeout():
+    clock, lines = Clock(), []
+    heart = Heartbeat(rank=3, timeout_s=30, clock=clock, on_hang=lines.append)
+    heart.beat(17, "data")
+    clock.t += 29
+    assert not heart.check()
+    heart.beat(17, "step")  # progress restarts the clock
+    clock.t += 29.5
+    assert not heart.check() and lines == []
+    clock.t += 1
+    assert heart.check()
+    assert "rank 3 made no progress for 30 s at step 17 (phase: step)" in lines[0] and "status 3" in lines[0]
+    off = Heartbeat(rank=0, timeout_s=0, clock=clock, on_hang=lines.append)
+    clock.t += 1e6
+    assert not off.check()
+
+
+def test_fault_specs_are_scoped_to_rank_attempt_and_requeue():
+    assert parse("kill:rank=1:step=3:attempt=0,stall:rank=0:step=5") == [Fault("kill", 1, 3, 0), Fault("stall", 0, 5)]
+    env = {"MLLAMA_FAULT": "kill:rank=1:step=3:attempt=0,term:rank=1:step=4:restart=1", "MLLAMA_ATTEMPT": "1"}
+    assert Faults(1, env=env).faults == []
+    assert Faults(1, env=dict(env, SLURM_RESTART_COUNT="1")).faults == [Fault("term", 1, 4, restart=1)]
+
+
+def _fake_checkpoint(root, step, payload=b"x" * 1000):
+    d = root / f"step{step:07d}"
+    (d / "sub").mkdir(parents=True)
+    (d / "model.pt").write_bytes(payload)
+    (d / "sub" / "optim.pt").write_bytes(payload[::-1] + b"y")
+    files = integrity.manifest(d)
+    (d / "run.json").write_text(json.dumps({"step": step, "files": files}))
+    return d
+
+
+def test_checksums_find_missing_truncated_and_flipped_files(tmp_path):
+    d = _fake_checkpoint(tmp_path, 1, bytes(range(256)) * 8)
+    files = json.loads((d / "run.json").read_text())["files"]
+    assert sorted(files) == ["model.pt", "sub/optim.pt"] and files["model.pt"][0] == 2048
+    assert integrity.verify(d, files) is None and integrity.verify(d, None) is None
+    data = bytearray((d / "model.pt").read_bytes())
+    data[100] ^= 1
+    (d / "model.pt").write_bytes(bytes(data))
+    assert integrity.check_sizes(d, files) is None  # same size: only the checksum sees it
+    assert integrity.verify(d, files) == "model.pt has a wrong checksum"
+    (d / "sub" / "optim.pt").write_bytes(b"short")
+    assert integrity.verify(d, files) == "sub/optim.pt has 5 bytes, 2049 were written"
+    (d / "sub" / "optim.pt").unlink()
+    assert integrity.verify(d, files) == "sub/optim.pt is missing"
+
+
+def test_pruning_never_deletes_the_newest_intact_checkpoint(tmp_path):
+    for step in (2, 4, 6, 8):
+        _fake_checkpoint(tmp_path, step)
+    (tmp_path / "latest").write_text("step0000008")
+    for step in (6, 8):  # both newest ones damaged (truncated shards)
+        (tmp_path / f"step{step:07d}" / "model.pt").write_bytes(b"")
+    prune(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("step*")) == ["step0000004", "step0000006", "step0000008"]
+    assert [p.name for p in candidates(str(tmp_path))] == ["step0000008", "step0000006", "step0000004"]
