@@ -91,7 +91,7 @@ def run_ranks(argv: list[str], nproc: int, forwarder: _Forwarder, *, node_rank: 
     procs = []
     for local in range(nproc):
         rank = node_rank * nproc + local
-        procs.append(subprocess.Popen([sys.executable, "-m", "launch.train", *argv],
+        procs.append(subprocess.Popen([sys.executable, "-m", "launch.train", *argv], preexec_fn=_die_with_parent,
                                       env=dict(env, RANK=str(rank), LOCAL_RANK=str(local))))
     forwarder.procs = procs
     first: Optional[tuple[int, int]] = None  # (local index, returncode) of the first rank to fail
@@ -120,6 +120,16 @@ def run_ranks(argv: list[str], nproc: int, forwarder: _Forwarder, *, node_rank: 
     if bad:  # every rank stopped cleanly by a signal (or several statuses >= 128)
         return Attempt(exit_codes.from_returncode(bad[0][1]), "")
     return Attempt(exit_codes.DONE, "")
+
+
+def _die_with_parent() -> None:
+    """In the child: a supervisor that is SIGKILLed (by a job scheduler, say) takes its ranks with it
+    instead of leaving them orphaned and holding the GPUs (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _is_clean_stop(rc: int) -> bool:
