@@ -117,6 +117,9 @@ def test_a_restarted_optimizer_is_caught(dist_pool, tmp_path, tmp_path_factory):
         save_file({k: (torch.zeros_like(v) if k.startswith("exp_avg") else v) for k, v in tensors.items()}, f)
     state = json.loads((step_dir / "trainer_state.json").read_text())
     (step_dir / "trainer_state.json").write_text(json.dumps(dict(state, optimizer_step=0)))
+    from megatron_llama.checkpoint import integrity  # edited on purpose: not damage, so record the new files
+    meta = json.loads((step_dir / "run.json").read_text())
+    (step_dir / "run.json").write_text(json.dumps(dict(meta, files=integrity.manifest(step_dir, collective=False))))
     losses, norms, _ = dist_pool(1).run(_train, COMMON + layout(1, 1, 1) + [f"train.save_dir={out}"])[0]
     assert losses[0] == pytest.approx(ref["losses"][3], rel=TOL)  # same weights: same first loss
     worst = max(abs(a - b) / abs(b) for a, b in zip(losses[1:] + norms[1:], ref["losses"][4:] + ref["norms"][4:]))

@@ -52,16 +52,17 @@ def _gather(local: dict) -> dict:
     return out
 
 
-def manifest(ckpt: Path) -> dict[str, list[int]]:
-    """``{relative path: [size, crc32]}`` of the files under ``ckpt``; every rank calls it (collective)."""
-    rank, world = _dist()
+def manifest(ckpt: Path, collective: bool = True) -> dict[str, list[int]]:
+    """``{relative path: [size, crc32]}`` of the files under ``ckpt``; with ``collective`` every rank
+    calls it and hashes a share, otherwise the calling process hashes everything (converters)."""
+    rank, world = _dist() if collective else (0, 1)
     names = _files(ckpt) if rank == 0 else None
     if world > 1:  # one listing, so every rank splits the same list
         box = [names]
         dist.broadcast_object_list(box, src=0)
         names = box[0]
     mine = {n: [(ckpt / n).stat().st_size, crc32_of(ckpt / n)] for n in names[rank::world]}
-    return dict(sorted(_gather(mine).items()))
+    return dict(sorted((_gather(mine) if collective else mine).items()))
 
 
 def check_sizes(ckpt: Path, files: Optional[dict]) -> Optional[str]:

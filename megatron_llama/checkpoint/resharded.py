@@ -30,6 +30,7 @@ import torch
 from megatron_llama.config import ConfigError
 from megatron_llama.model.layout import shard
 
+from . import integrity
 from .directory import META
 from .optimizer_state import STATE_KEYS, MASTER
 from .params import param_index
@@ -232,7 +233,9 @@ def write_store(ckpt, step_dir: Path, meta: dict, on_param=None) -> None:
     finally:
         if writer is not None:
             writer.file.close()
-    (step_dir / META).write_text(json.dumps(dict(meta, format=FORMAT), indent=2, default=str))
+    # the source's file table describes other files: list this checkpoint's own (integrity.py)
+    files = integrity.manifest(step_dir, collective=False)
+    (step_dir / META).write_text(json.dumps(dict(meta, format=FORMAT, files=files), indent=2, default=str))
 
 
 def iter_store_masters(step_dir: Path):
