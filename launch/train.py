@@ -31,6 +31,7 @@ from typing import Callable, Optional
 from megatron_llama.config import ConfigError, RunConfig, load_config
 
 _START = time.perf_counter()
+BAD_INPUT_GRACE_S = 2.0
 USAGE = "mllama-train CONFIG.yaml [SECTION.KEY=VALUE ...]   (e.g. train.steps=50 parallel.tp=2)"
 EPILOG = """examples:
   mllama-train configs/tiny-cpu-3d.yaml                  # starts tp*pp*dp local processes, supervised
@@ -374,6 +375,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         if _env_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
+        elif in_launcher:
+            # Every rank finds the same error; only rank 0 prints it. A launcher (torchrun,
+            # deepspeed) SIGTERMs the others as soon as one rank exits, so the silent ranks wait
+            # a moment: otherwise rank 0 could be killed before its line is out.
+            time.sleep(BAD_INPUT_GRACE_S)
         return exit_codes.BAD_INPUT
     if summary is None:
         return exit_codes.FAILED
