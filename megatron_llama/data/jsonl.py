@@ -48,8 +48,9 @@ def iter_lines(path: Union[str, Path]) -> Iterator[bytes]:
         yield from lines_of(stream, path)
 
 
-def parse_line(line: bytes, text_key: str) -> tuple[Optional[str], Optional[str]]:
-    """(text, None) for a good line, (None, reason) for a bad one; blank lines are (None, None)."""
+def parse_object(line: bytes) -> tuple[Optional[dict], Optional[str]]:
+    """(object, None) for a line holding a JSON object, (None, reason) for any other line,
+    (None, None) for a blank one. Shared by the pretraining and SFT record parsers."""
     if not line.strip():
         return None, None
     try:
@@ -58,6 +59,14 @@ def parse_line(line: bytes, text_key: str) -> tuple[Optional[str], Optional[str]
         return None, f"invalid JSON ({e.msg if hasattr(e, 'msg') else 'not UTF-8'})"
     if not isinstance(obj, dict):
         return None, f"expected a JSON object, got {type(obj).__name__}"
+    return obj, None
+
+
+def parse_line(line: bytes, text_key: str) -> tuple[Optional[str], Optional[str]]:
+    """(text, None) for a good line, (None, reason) for a bad one; blank lines are (None, None)."""
+    obj, reason = parse_object(line)
+    if obj is None:
+        return None, reason
     if text_key not in obj:
         keys = ", ".join(list(obj)[:5])
         return None, f"no {text_key!r} field (keys: {keys}); choose the field with --text-key"

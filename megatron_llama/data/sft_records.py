@@ -12,11 +12,11 @@ in a wrong order, content the template cannot render, a sample longer than ``seq
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from .chat_template import ChatTemplate, TemplateError
+from .jsonl import parse_object
 
 OVERLONG_POLICIES = ("truncate", "drop")
 
@@ -35,14 +35,9 @@ def parse_record(line: bytes, fields: RecordFields = RecordFields()) -> tuple[Op
     """(messages, None) for a usable line's conversation, (None, reason) for a bad one,
     (None, None) for a blank line. Messages are ``[{"role", "content"}]`` (not yet validated
     against a template: ``ChatTemplate.check`` does that)."""
-    if not line.strip():
-        return None, None
-    try:
-        obj = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return None, f"invalid JSON ({e.msg if hasattr(e, 'msg') else 'not UTF-8'})"
-    if not isinstance(obj, dict):
-        return None, f"not a JSON object: got {type(obj).__name__}"
+    obj, reason = parse_object(line)
+    if obj is None:
+        return None, reason
     if fields.messages in obj:
         raw = obj[fields.messages]
         if not isinstance(raw, list):
