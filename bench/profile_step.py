@@ -53,12 +53,31 @@ def _gaps(prof) -> dict:
             "largest": [[round(g[0], 3), g[1][:100], g[2][:100]] for g in gaps[:40]]}
 
 
+def _time_gate(step, n: int) -> dict:
+    """Median wall ms of ``n`` steps without and with the spike gate, interleaved in rounds."""
+    import statistics
+    from launch.spikes import StepGuard
+    times: dict = {"no_gate": [], "gate": []}
+    for _ in range(n):
+        for name in times:
+            step.engine.step_gate = StepGuard(step.engine.cfg.train).gate if name == "gate" else None
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    step.engine.step_gate = None
+    return {k: round(statistics.median(v), 2) for k, v in times.items()} | {"all": times}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("spec", nargs="?", default="{}", help="JSON overrides of the benchmark spec")
     p.add_argument("--out", required=True)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--host", action="store_true", help="also cProfile one step's host side")
+    p.add_argument("--gate", type=int, default=0, metavar="N",
+                   help="also time N steps each with and without the trainer's spike gate (launch/spikes.py)")
     args = p.parse_args()
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=os.environ.get("MASTER_PORT", "29571"))
@@ -117,6 +136,9 @@ def main() -> int:
         buf2 = io.StringIO()
         pstats.Stats(pr, stream=buf2).sort_stats("tottime").print_stats(25)
         print(buf2.getvalue()[-6000:])
+    if args.gate:  # the gate reads the loss and norm on the host before the update: what does it cost?
+        result["spike_gate_step_ms"] = _time_gate(step, args.gate)
+        print("median step ms, without / with the spike gate:", result["spike_gate_step_ms"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

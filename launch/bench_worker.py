@@ -48,6 +48,7 @@ def _ours(spec: dict, device: torch.device):
 
     def step() -> float:
         return engine.train_step(next(batches) for _ in range(cfg.train.grad_accum_steps)).loss
+    step.engine = engine  # bench/profile_step.py sets the trainer's spike gate on it
     return step
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -36,6 +37,7 @@ from megatron_llama.config import RunConfig
 from megatron_llama.model import LMHead, LlamaModel, fp8, lm_loss
 
 from .bf16_grads import fuse_grad_accumulation
+from .bf16_step import make_step_sync_free, skip_single_rank_allreduce
 from .compile_policy import use_compile
 from .tied import install_tied_grad_reduction
 from .token_weights import weigh_answer_tokens
@@ -60,6 +62,8 @@ def deepspeed_config(cfg: RunConfig, dp: int, dtype: torch.dtype) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10 ** 9,          # our trainer logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
+        # its throughput timer synchronizes the device at every forward and step (pipelines/bf16_step.py)
+        "timers": {"throughput": {"enabled": False}},
         "bf16": {"enabled": dtype == torch.bfloat16},
         "pipeline": {"activation_checkpoint_interval": 0},
     }
@@ -144,6 +148,8 @@ class TrainEngine:
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu, config=ds_conf)
         self.fused_grad_accumulation = fuse_grad_accumulation(self.optimizer)  # bf16: no fp32 temporaries
+        self.sync_free_step = make_step_sync_free(self.optimizer)  # bf16: no host syncs in the step
+        self.single_rank_allreduce_skipped = skip_single_rank_allreduce(self.engine, layout.dp, self.pipelined)
         self.grid = self.engine.grid if self.pipelined else mpu
         self.step_gate: Optional[Callable[[float, Optional[float]], bool]] = None
         self._decision: Optional[bool] = None
@@ -199,6 +205,9 @@ class TrainEngine:
         skipped = bool(self._decision)
         if self.engine.skipped_steps != ds_skipped:  # DeepSpeed's overflow check: no update, no LR step
             self.scheduler.step()
+            skipped = True
+        elif not math.isfinite(norm) and self.sync_free_step:  # skipped on the device (bf16_step.py)
+            self.engine.skipped_steps += 1
             skipped = True
         return StepResult(loss=loss, grad_norm=norm, lr=lr, skipped=skipped)
 
