@@ -65,11 +65,18 @@ def deepspeed_config(cfg: RunConfig, dp: int, dtype: torch.dtype) -> dict:
         # its throughput timer synchronizes the device at every forward and step (pipelines/bf16_step.py)
         "timers": {"throughput": {"enabled": False}},
         "bf16": {"enabled": dtype == torch.bfloat16},
-        "pipeline": {"activation_checkpoint_interval": 0},
+        "pipeline": {"activation_checkpoint_interval": 0, **pipe_partitioning(cfg.parallel)},
     }
     if dtype == torch.bfloat16:
         conf["data_types"] = {"grad_accum_dtype": "fp32"}
     return conf
+
+
+def pipe_partitioning(parallel) -> dict:
+    """DeepSpeed sends 1/tp of each stage-to-stage activation (and gradient) from each TP rank and
+    all-gathers it on the receiving stage, which assumes TP replicas. Under sequence parallelism
+    each TP rank holds a different [s/tp, b, d] slice (already 1/tp): send it whole."""
+    return {"pipe_partitioned": not parallel.sequence_parallel, "grad_partitioned": not parallel.sequence_parallel}
 
 
 def zero_config(parallel) -> dict:

@@ -4,16 +4,18 @@ import pytest
 from megatron_llama.config import ConfigError, load_config
 
 
-def test_sequence_parallel_is_refused_not_ignored(capsys, monkeypatch):
-    with pytest.raises(ConfigError, match=r"not supported yet: set parallel.sequence_parallel=false"):
+def test_sequence_parallel_needs_tp_and_a_divisible_sequence(capsys, monkeypatch):
+    with pytest.raises(ConfigError, match=r"sequence_parallel=true needs parallel.tp > 1"):
         load_config(None, ["model.preset=tiny", "parallel.sequence_parallel=true"])
+    with pytest.raises(ConfigError, match=r"data.seq_len=30 is not divisible by it"):
+        load_config(None, ["model.preset=tiny", "parallel.tp=4", "data.seq_len=30", "parallel.sequence_parallel=true"])
     # through the command line: exit status 2 and one `error:` line, no traceback
     from launch.train import main
     monkeypatch.delenv("RANK", raising=False)
-    assert main(["configs/tiny-cpu-3d.yaml", "parallel.sequence_parallel=true"]) == 2
+    assert main(["configs/tiny-cpu-3d.yaml", "parallel.tp=1", "parallel.sequence_parallel=true"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: parallel.sequence_parallel=true is not supported yet: "
-                   "set parallel.sequence_parallel=false"]
+    assert err == ["error: parallel.sequence_parallel=true needs parallel.tp > 1 (it splits the TP-replicated "
+                   "activations over the TP ranks): raise tp or set sequence_parallel=false"]
 
 
 @pytest.mark.parametrize("key", ["save_interval", "save_minutes", "keep_last"])

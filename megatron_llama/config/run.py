@@ -46,9 +46,9 @@ class ParallelConfig:
         if self.activation_checkpointing not in CHECKPOINT_MODES:
             raise ConfigError(f"parallel.activation_checkpointing={self.activation_checkpointing!r}: "
                               f"choose one of {', '.join(CHECKPOINT_MODES)}")
-        if self.sequence_parallel:
-            raise ConfigError("parallel.sequence_parallel=true is not supported yet: "
-                              "set parallel.sequence_parallel=false")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it splits the "
+                              "TP-replicated activations over the TP ranks): raise tp or set sequence_parallel=false")
         for name in ("reduce_bucket_size", "allgather_bucket_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -234,3 +234,7 @@ class RunConfig:
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}: raise max_seq_len or shorten seq_len")
+        if self.parallel.sequence_parallel and self.data.seq_len % self.parallel.tp:
+            raise ConfigError(f"parallel.sequence_parallel=true splits the sequence over tp={self.parallel.tp} "
+                              f"ranks, but data.seq_len={self.data.seq_len} is not divisible by it: "
+                              "use a seq_len that is a multiple of tp")

@@ -14,7 +14,8 @@ from .rotary import apply_rotary, rope_tables
 
 
 class SelfAttention(torch.nn.Module):
-    """Input/output [s, b, d] (sequence-first, as megatron-core). Each TP rank holds
+    """Input/output [s, b, d] (sequence-first, as megatron-core; [s/tp, b, d] with sequence
+    parallelism: the QKV layer all-gathers, the output layer reduce-scatters). Each TP rank holds
     ``num_kv_heads / tp`` whole query groups; see ``layout.py`` for the QKV row order."""
 
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, tp_group):
@@ -39,8 +40,8 @@ class SelfAttention(torch.nn.Module):
     def forward(self, x: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
         """``segments`` [b, s] (packed SFT samples): attention stays inside each sample
         (``document_mask.py``); None: plain causal attention."""
-        s, b, _ = x.shape
         qkv, _ = self.qkv(x)                                     # [s, b, g*(q+2)*h]
+        s, b = qkv.shape[:2]  # x is [s/tp, b, d] under sequence parallelism; qkv is full-length
         qkv = qkv.view(s, b, self.local_groups, self.q_per_group + 2, self.head_dim)
         q, k, v = qkv.split([self.q_per_group, 1, 1], dim=3)
         cos, sin = rope_tables(self.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, x.device)

@@ -12,6 +12,7 @@ from megatron_llama.config import ModelConfig
 from .attention import SelfAttention
 from .mlp import SwiGLUMLP
 from .norm import RMSNorm
+from .sequence_parallel import sync_replicated_grads
 from .tp_linear import bind_tp_group
 
 # Selective recomputation (LLaMA paper, section 2.4): keep what the matrix products
@@ -75,7 +76,8 @@ def _compiled(block: "TransformerBlock", x: torch.Tensor, segments=None) -> torc
 
 
 class TransformerBlock(torch.nn.Module):
-    """x [s, b, d] -> x + attn(norm(x)) -> h + mlp(norm(h)), same shape.
+    """x [s, b, d] -> x + attn(norm(x)) -> h + mlp(norm(h)), same shape ([s/tp, b, d] on each TP
+    rank with sequence parallelism).
 
     ``checkpointing``: ``none`` keeps every activation; ``selective`` keeps matmul outputs
     only; ``full`` keeps only the block input and recomputes the whole block in backward.
@@ -94,6 +96,8 @@ class TransformerBlock(torch.nn.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=dtype)
         self.mlp = SwiGLUMLP(cfg, mp, tp_group)
         bind_tp_group(self)  # one compiled graph per block (tp_linear.py)
+        if mp.sequence_parallel:  # the norms see s/tp positions: sum their gradients over TP
+            sync_replicated_grads(self, tp_group)
 
     def forward(self, x: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
         """``segments`` [b, s]: packed samples, attention kept inside each (document_mask.py)."""

@@ -15,6 +15,8 @@ from megatron_llama.config import ModelConfig
 
 from .layout import mark
 from .norm import RMSNorm
+from .sequence_parallel import sync_replicated_grads
+from .tp_linear import bind_tp_group
 
 
 class FinalNorm(torch.nn.Module):
@@ -22,13 +24,16 @@ class FinalNorm(torch.nn.Module):
         super().__init__()
         device = "cpu" if mp.use_cpu_initialization else torch.cuda.current_device()
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, device=device, dtype=mp.params_dtype)
+        if mp.sequence_parallel:
+            sync_replicated_grads(self, tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
 
 
 class LMHead(torch.nn.Module):
-    """hidden [s, b, d] -> this rank's logits [s, b, V_padded/tp].
+    """hidden [s, b, d] -> this rank's logits [s, b, V_padded/tp]. With sequence parallelism the
+    input is this rank's [s/tp, b, d] and the column-parallel layer all-gathers the sequence.
 
     Logits of padding rows (ids >= the real vocab size) are set to -inf, so the softmax and
     the loss equal those of the unpadded model exactly, whatever the TP size.
@@ -52,6 +57,7 @@ class LMHead(torch.nn.Module):
         if first_pad < 0:
             self.local_pad_start = 0
         self._pad_mask = None
+        bind_tp_group(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.tied_weight() if self.tied_weight is not None else None

@@ -42,7 +42,7 @@ class LlamaModel(torch.nn.Module):
         self.layers = torch.nn.ModuleList(
             TransformerBlock(cfg, mp, tp_group, parallel.activation_checkpointing, compile=compile)
             for _ in range(cfg.num_layers))
-        self.final_norm = FinalNorm(cfg, mp)
+        self.final_norm = FinalNorm(cfg, mp, tp_group)
         tied = (lambda: self.embedding.word_embeddings.weight) if cfg.tie_embeddings else None
         self.head = LMHead(cfg, mp, tp_group, tied_weight=tied)
         rank, size = parallel_state.get_tensor_model_parallel_rank(), parallel.tp

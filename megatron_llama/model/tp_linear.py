@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+from .sequence_parallel import cpu_column_impl
+
 
 class _GroupBound:
     """A layer's ``_forward_impl`` with ``tp_group`` defaulting to the layer's own group."""
@@ -28,6 +30,9 @@ def bind_tp_group(module: torch.nn.Module) -> int:
     n = 0
     for m in module.modules():
         if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and "_forward_impl" not in vars(m):
-            m._forward_impl = _GroupBound(m._forward_impl, m.tp_group)
+            if isinstance(m, ColumnParallelLinear) and m.sequence_parallel and m.config.use_cpu_initialization:
+                m._forward_impl = cpu_column_impl(m._forward_impl, m.tp_group)  # see sequence_parallel.py
+            else:
+                m._forward_impl = _GroupBound(m._forward_impl, m.tp_group)
             n += 1
     return n
