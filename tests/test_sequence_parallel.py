@@ -42,3 +42,42 @@ def test_sequence_parallel_matches_off(dist_pool, tp, pp, extra):
           f"grad norms {max_diffs(on_norms, off_norms)}")
     assert on_losses == pytest.approx(off_losses, rel=RTOL, abs=0)
     assert on_norms == pytest.approx(off_norms, rel=RTOL, abs=0)
+
+
+def _grads_with_and_without(rank, world, overrides):
+    """One forward/backward of LlamaModel at TP2 with packed samples (``segments``), SP off and on:
+    this rank's loss and every parameter's gradient."""
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron_llama.config import load_config
+    from megatron_llama.model import LlamaModel, lm_loss
+    from pipelines.topology import build_topology
+    out = {}
+    for sp in ("false", "true"):
+        cfg = load_config(None, [*overrides, f"parallel.sequence_parallel={sp}"])
+        if not ps.model_parallel_is_initialized():
+            build_topology(cfg.parallel, 7, torch.device("cpu"))
+        model = LlamaModel(cfg.model, cfg.parallel, seed=3)
+        g = torch.Generator().manual_seed(0)
+        tokens, labels = (torch.randint(0, cfg.model.vocab_size, (2, 32), generator=g) for _ in range(2))
+        segments = torch.tensor([[0] * 12 + [1] * 20, [0] * 25 + [1] * 7])  # two packed samples per row
+        loss = lm_loss(model(tokens, segments), labels)
+        loss.backward()
+        out[sp] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    ps.destroy_model_parallel()
+    worst = max(((out["true"][1][n] - g).abs().max() / g.abs().max()).item() for n, g in out["false"][1].items())
+    return out["false"][0], out["true"][0], worst, len(out["true"][1])
+
+
+@pytest.mark.distributed
+def test_masked_attention_and_embedding_norm_under_sequence_parallelism(dist_pool):
+    """SFT's document mask (segments stay full-length [b, s] while activations are [s/tp, b, d]),
+    selective recomputation, QKV biases, BLOOM's embedding LayerNorm and tied embeddings: every gradient of
+    every TP rank equal with and without SP."""
+    overrides = ["model.preset=tiny-gqa", "data.seq_len=32", "parallel.tp=2",
+                 "parallel.activation_checkpointing=selective", "model.embedding_layernorm=true",
+                 "model.tie_embeddings=true", "model.qkv_bias=true"]
+    for loss_off, loss_on, worst, n in dist_pool(2).run(_grads_with_and_without, overrides):
+        print(f"\nmasked TP2 SP on vs off: loss {loss_on:.7f} vs {loss_off:.7f}, worst gradient rel diff {worst:.1e} ({n} params)")
+        assert loss_on == pytest.approx(loss_off, rel=RTOL)
+        assert worst < RTOL
