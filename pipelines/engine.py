@@ -76,7 +76,8 @@ def pipe_partitioning(parallel) -> dict:
     """DeepSpeed sends 1/tp of each stage-to-stage activation (and gradient) from each TP rank and
     all-gathers it on the receiving stage, which assumes TP replicas. Under sequence parallelism
     each TP rank holds a different [s/tp, b, d] slice (already 1/tp): send it whole."""
-    return {"pipe_partitioned": not parallel.sequence_parallel, "grad_partitioned": not parallel.sequence_parallel}
+    whole = parallel.sequence_parallel and parallel.tp > 1
+    return {"pipe_partitioned": not whole, "grad_partitioned": not whole}
 
 
 def zero_config(parallel) -> dict:

@@ -5,7 +5,9 @@ builds only its own layers, and each is initialised from its *global* name exact
 ``LlamaModel`` does, so every TP x PP layout starts from the same weights.
 
 Activation contract between stages: a 1-tuple ``(hidden,)`` with hidden of the fixed shape
-[seq, micro_batch, hidden] (no dynamic shapes; DeepSpeed sends the shapes once). The first stage
+[seq, micro_batch, hidden] (no dynamic shapes; DeepSpeed sends the shapes once); with sequence
+parallelism each TP rank sends its own [seq/tp, micro_batch, hidden] slice whole
+(``engine.pipe_partitioning``), while SFT's segments stay [b, s] on every rank. The first stage
 reads ``tokens`` [b, s] and the last stage ``labels`` [b, s] from the same data iterator
 (DeepSpeed's pipeline data contract: items are ``(inputs, labels)``); the loss is megatron-core's
 vocab-parallel cross entropy on the last stage, logits never gathered.

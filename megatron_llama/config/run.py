@@ -22,6 +22,8 @@ class ParallelConfig:
     pp: int = 1
     dp: Optional[int] = None
     zero_stage: int = 1
+    # split the activations outside the TP layers along the sequence (no-op at tp = 1, so one
+    # config serves every layout; seq_len must be divisible by tp)
     sequence_parallel: bool = False
     partition_method: str = "bloom"
     activation_checkpointing: str = "none"
@@ -46,9 +48,6 @@ class ParallelConfig:
         if self.activation_checkpointing not in CHECKPOINT_MODES:
             raise ConfigError(f"parallel.activation_checkpointing={self.activation_checkpointing!r}: "
                               f"choose one of {', '.join(CHECKPOINT_MODES)}")
-        if self.sequence_parallel and self.tp == 1:
-            raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it splits the "
-                              "TP-replicated activations over the TP ranks): raise tp or set sequence_parallel=false")
         for name in ("reduce_bucket_size", "allgather_bucket_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

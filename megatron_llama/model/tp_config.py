@@ -15,15 +15,16 @@ def megatron_config(parallel: ParallelConfig, dtype: torch.dtype, device: torch.
 
     Initialisation is ours (``init.py``: TP/PP-invariant), so megatron-core's is switched
     off. ``gradient_accumulation_fusion`` needs Megatron's own DDP ``main_grad`` buffers,
-    which DeepSpeed does not provide. ``sequence_parallel`` (TP > 1 only, checked in the config)
-    on CPU needs megatron-core's mappings made device-aware (``sequence_parallel.py``).
+    which DeepSpeed does not provide. ``sequence_parallel`` is off at TP = 1 (nothing to split);
+    on CPU it needs megatron-core's mappings made device-aware (``sequence_parallel.py``).
     """
-    if parallel.sequence_parallel and device.type == "cpu":
+    sequence_parallel = parallel.sequence_parallel and parallel.tp > 1
+    if sequence_parallel and device.type == "cpu":
         support_cpu()
     return ModelParallelConfig(
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
-        sequence_parallel=parallel.sequence_parallel,
+        sequence_parallel=sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
