@@ -70,6 +70,11 @@ class WandbLogger:
         if run is not None:
             try:
                 run.finish(exit_code=exit_code)
+                # Stop wandb's service process too: its writer may hold the last records until the
+                # service exits, and a trainer embedded in a longer-lived process (a notebook, the
+                # test pool) would otherwise leave the offline run file incomplete.
+                import wandb
+                wandb.teardown(exit_code=exit_code)
             except Exception:  # noqa: BLE001
                 pass
 
