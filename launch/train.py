@@ -342,6 +342,7 @@ def _has_cuda() -> bool:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from megatron_llama.config.paths import writable_dir
+    from megatron_llama import checkpoint
     from . import exit_codes
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="mllama-train", usage=USAGE,
@@ -365,6 +366,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             from megatron_llama.model import fp8
             fp8.check_supported()
         writable_dir(cfg.train.save_dir, "train.save_dir")  # before any step, not at the first save
+        checkpoint.check_run_dir(cfg.train.save_dir)
         if not in_launcher:
             n = processes_needed(cfg)
             validate_layout(cfg, n)

@@ -106,3 +106,15 @@ def test_prune_never_removes_the_checkpoint_latest_names(tmp_path):
 def test_no_checkpoint_means_fresh_start(tmp_path):
     assert checkpoint.latest(str(tmp_path / "missing")) is None
     assert checkpoint.resume(FakeEngine(), LAYOUT, str(tmp_path)) == (0, 0)
+
+
+def test_save_dir_that_is_one_checkpoint_is_refused(tmp_path):
+    """A converted (weights-only) checkpoint given as train.save_dir would silently train from
+    scratch into it; the error says to use train.init_from instead."""
+    from megatron_llama.config import ConfigError
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "run.json").write_text('{"step": 0, "weights_only": true}')
+    with pytest.raises(ConfigError, match=r"single checkpoint .* train.init_from="):
+        checkpoint.check_run_dir(str(tmp_path / "ckpt"))
+    checkpoint.check_run_dir(str(tmp_path))           # a run directory: fine
+    checkpoint.check_run_dir(str(tmp_path / "new"))   # not there yet: fine

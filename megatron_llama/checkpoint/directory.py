@@ -115,6 +115,16 @@ def save(engine, cfg, layout, save_dir: str, step: int, consumed_samples: int, l
     return final
 
 
+def check_run_dir(save_dir: str) -> None:
+    """Refuse a ``train.save_dir`` that is itself one checkpoint (it holds ``run.json``) rather than a
+    run directory of ``stepN/`` checkpoints: ``latest()`` would find nothing there and the run
+    would silently start from scratch (e.g. with the output of ``mllama-convert hf-to-native``)."""
+    if (Path(save_dir) / META).is_file():
+        raise ConfigError(f"train.save_dir={save_dir} is a single checkpoint (it has {META}), not a run "
+                          f"directory: to start from its weights set train.init_from={save_dir} and a new "
+                          "train.save_dir; to resume a run, give the directory that holds its stepN/ and latest")
+
+
 def _step_of(path: Path) -> Optional[int]:
     m = _TAG.match(path.name)
     return int(m.group(1)) if m else None
