@@ -13,6 +13,18 @@ on this CPU to get one is not possible. Correctness on real DeepSpeed checkpoint
 tests/test_checkpoint_reshard.py proves; this measures cost.
 
     PYTHONPATH=. python bench/reshard_bench.py --layers 2 8 --work /tmp/reshard-bench
+
+Memory is reported three ways, because ``ru_maxrss`` alone cannot tell a leak from mapped
+input: ``peak_rss_gib`` (the kernel's ``ru_maxrss``: anonymous memory AND the pages of the
+memory-mapped input shards that were touched), and, from a thread sampling
+``/proc/self/status`` every 2 ms, ``peak_anon_gib`` (``RssAnon``: what the converter allocates)
+and ``peak_file_gib`` (``RssFile``: mapped input pages, plus the interpreter's own libraries),
+overall and per pipeline layer. Clean mapped pages can be reclaimed by the kernel under memory
+pressure, so ``RssFile`` (and ``ru_maxrss``) depend on what else runs; ``RssAnon`` does not.
+A small shape (seconds, not minutes) checks that neither grows with depth::
+
+    PYTHONPATH=. python bench/reshard_bench.py --hidden 1024 --heads 8 --vocab 4096 --layers 4 16 \\
+        --out bench/results/reshard_memory_probe.json
 """
 from __future__ import annotations
 
@@ -24,6 +36,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -107,10 +120,64 @@ def layer_bytes(cfg) -> int:
     return max(per.values())
 
 
-def measure(layers: int, work: Path, target: tuple[int, int, int]) -> dict:
+def _status_mib() -> dict[str, float]:
+    """RssAnon, RssFile, VmRSS and VmHWM of this process, MiB."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssFile", "VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def child(argv: list[str]) -> None:
+    """The measured process: ``mllama-convert reshard`` with a thread sampling its memory.
+
+    Samples are attributed to the pipeline layer being read: the reader maps the shards afresh
+    for every layer (``_StageShards``), so counting those constructions names the layer."""
+    from checkpoints_tools.convert import main as convert
+    from megatron_llama.checkpoint import optimizer_state
+
+    layer = [-1]
+    peaks: dict[int, dict[str, float]] = {}
+    init = optimizer_state._StageShards.__init__
+
+    def counted(self, *args, **kwargs):
+        layer[0] += 1
+        init(self, *args, **kwargs)
+
+    optimizer_state._StageShards.__init__ = counted
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            s = _status_mib()
+            p = peaks.setdefault(layer[0], {"anon": 0.0, "file": 0.0, "rss": 0.0})
+            p["anon"], p["file"], p["rss"] = (max(p["anon"], s["RssAnon"]), max(p["file"], s["RssFile"]),
+                                              max(p["rss"], s["VmRSS"]))
+            done.wait(0.002)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    rc = convert(argv)
+    done.set()
+    sampler.join()
+    per_layer = [{"layer": k, **{n: round(v, 1) for n, v in p.items()}} for k, p in sorted(peaks.items()) if k >= 0]
+    print("MEMORY " + json.dumps({"ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                                  "vm_hwm_mib": round(_status_mib()["VmHWM"], 1),
+                                  "start_mib": peaks.get(-1), "per_layer_mib": per_layer}), flush=True)
+    sys.exit(rc)
+
+
+def _spread(values: list[float]) -> float:
+    return round(max(values) - min(values), 1) if values else 0.0
+
+
+def measure(layers: int, work: Path, target: tuple[int, int, int], shape: list[str]) -> dict:
     from megatron_llama.config import load_config
     cfg = load_config(None, ["model.preset=llama-7b", f"model.num_layers={layers}", "model.vocab_size=32000",
-                             f"parallel.tp={TP}", f"parallel.pp={PP}", f"parallel.dp={DP}",
+                             *shape, f"parallel.tp={TP}", f"parallel.pp={PP}", f"parallel.dp={DP}",
                              "train.micro_batch_size=1", "train.grad_accum_steps=4"])
     src, out = work / f"src-{layers}l", work / f"out-{layers}l"
     shutil.rmtree(src, ignore_errors=True)
@@ -118,40 +185,55 @@ def measure(layers: int, work: Path, target: tuple[int, int, int]) -> dict:
     t0 = time.perf_counter()
     nbytes = write_native(cfg, src)
     gen_s = time.perf_counter() - t0
-    cmd = [sys.executable, "-c", "import resource, sys; from checkpoints_tools.convert import main; rc = main(sys.argv[1:]);"
-           " print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)",
-           "reshard", str(src), str(out), "--tp", str(target[0]), "--pp", str(target[1]), "--dp", str(target[2]),
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "reshard", str(src), str(out), "--tp", str(target[0]), "--pp", str(target[1]), "--dp", str(target[2]),
            "--quiet"]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     wall = time.perf_counter() - t0
     if p.returncode:
         raise SystemExit(p.stdout + p.stderr)
-    rss_kb = int(next(line.split()[1] for line in p.stdout.splitlines() if line.startswith("MAXRSS")))
+    mem = json.loads(next(line[7:] for line in p.stdout.splitlines() if line.startswith("MEMORY ")))
+    rss_kb = mem["ru_maxrss_kib"]
+    per_layer = mem["per_layer_mib"]
+    blocks = per_layer[1:layers // PP + 1] if PP > 1 else per_layer[1:layers + 1]  # transformer blocks of stage 0
     written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     shutil.rmtree(src)
     shutil.rmtree(out)
     return {"layers": layers, "input_bytes": nbytes, "output_bytes": written, "generate_s": round(gen_s, 1),
             "reshard_wall_s": round(wall, 1), "gb_per_s": round(written / 1e9 / wall, 3),
-            "peak_rss_gib": round(rss_kb / 2 ** 20, 2), "largest_layer_gib": round(layer_bytes(cfg) / 2 ** 30, 2),
-            "target_gib": round(3 * layer_bytes(cfg) / 2 ** 30 + 2, 2)}
+            "peak_rss_gib": round(rss_kb / 2 ** 20, 2),
+            "peak_anon_gib": round(max(r["anon"] for r in per_layer) / 1024, 3),
+            "peak_file_gib": round(max(r["file"] for r in per_layer) / 1024, 3),
+            "start_anon_mib": round(mem["start_mib"]["anon"], 1), "start_file_mib": round(mem["start_mib"]["file"], 1),
+            "stage0_blocks_anon_spread_mib": _spread([r["anon"] for r in blocks]),
+            "stage0_blocks_file_spread_mib": _spread([r["file"] for r in blocks]),
+            "largest_layer_gib": round(layer_bytes(cfg) / 2 ** 30, 3),
+            "target_gib": round(3 * layer_bytes(cfg) / 2 ** 30 + 2, 2), "per_layer_peak_mib": per_layer}
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--child"]:
+        child(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 8])
     ap.add_argument("--work", default="/tmp/reshard-bench")
     ap.add_argument("--to", type=int, nargs=3, default=[4, 1, 2], metavar=("TP", "PP", "DP"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "reshard_7b_shape.json"))
+    ap.add_argument("--hidden", type=int, help="hidden size instead of 7B's 4096 (a small probe)")
+    ap.add_argument("--heads", type=int, help="attention heads instead of 7B's 32")
+    ap.add_argument("--vocab", type=int, help="vocabulary instead of 32000")
     args = ap.parse_args()
+    shape = [f"model.{k}={v}" for k, v in (("hidden_size", args.hidden), ("num_attention_heads", args.heads),
+                                           ("vocab_size", args.vocab)) if v is not None]
     torch.manual_seed(0)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     runs = []
     for n in args.layers:
-        runs.append(measure(n, work, tuple(args.to)))
+        runs.append(measure(n, work, tuple(args.to), shape))
         print(json.dumps(runs[-1]), flush=True)
-    result = {"what": f"mllama-convert reshard, LLaMA-7B shape cut to N layers, TP{TP}·PP{PP}·DP{DP} ZeRO-1 -> "
+    what = "LLaMA-7B shape" if not shape else "LLaMA-7B shape with " + ", ".join(shape)
+    result = {"what": f"mllama-convert reshard, {what} cut to N layers, TP{TP}·PP{PP}·DP{DP} ZeRO-1 -> "
                       f"TP{args.to[0]}·PP{args.to[1]}·DP{args.to[2]}, fp32 masters + Adam moments",
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, shared with other jobs; "
                          "input freshly written (likely in the page cache)",
@@ -159,7 +241,8 @@ def main() -> None:
     if len(runs) >= 2:
         a, b = runs[0], runs[-1]
         result["per_layer_s"] = round((b["reshard_wall_s"] - a["reshard_wall_s"]) / (b["layers"] - a["layers"]), 2)
-        result["rss_growth_gib_per_layer"] = round((b["peak_rss_gib"] - a["peak_rss_gib"]) / (b["layers"] - a["layers"]), 3)
+        for key, name in (("peak_rss_gib", "rss"), ("peak_anon_gib", "anon"), ("peak_file_gib", "file")):
+            result[f"{name}_growth_mib_per_layer"] = round((b[key] - a[key]) * 1024 / (b["layers"] - a["layers"]), 1)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
