@@ -132,22 +132,26 @@ def _status_mib() -> dict[str, float]:
 
 
 def child(argv: list[str]) -> None:
-    """The measured process: ``mllama-convert reshard`` with a thread sampling its memory.
-
-    Samples are attributed to the pipeline layer being read: the reader maps the shards afresh
-    for every layer (``_StageShards``), so counting those constructions names the layer."""
+    """The measured process: ``mllama-convert reshard`` with a thread sampling its memory; each
+    sample is attributed to the pipeline layer of the parameter being read."""
     from checkpoints_tools.convert import main as convert
     from megatron_llama.checkpoint import optimizer_state
 
     layer = [-1]
     peaks: dict[int, dict[str, float]] = {}
-    init = optimizer_state._StageShards.__init__
+    table, read = optimizer_state._table_by_stage, optimizer_state._StageShards.shard
+    rows = {}
 
-    def counted(self, *args, **kwargs):
-        layer[0] += 1
-        init(self, *args, **kwargs)
+    def remember_table(ckpt):
+        rows.update(table(ckpt))
+        return rows
 
-    optimizer_state._StageShards.__init__ = counted
+    def traced_shard(self, name, *args):
+        layer[0] = rows[name].layer
+        return read(self, name, *args)
+
+    optimizer_state._table_by_stage = remember_table
+    optimizer_state._StageShards.shard = traced_shard
     done = threading.Event()
 
     def sample():
@@ -195,7 +199,7 @@ def measure(layers: int, work: Path, target: tuple[int, int, int], shape: list[s
     mem = json.loads(next(line[7:] for line in p.stdout.splitlines() if line.startswith("MEMORY ")))
     rss_kb = mem["ru_maxrss_kib"]
     per_layer = mem["per_layer_mib"]
-    blocks = per_layer[1:layers // PP + 1] if PP > 1 else per_layer[1:layers + 1]  # transformer blocks of stage 0
+    blocks = [r for r in per_layer if 1 <= r["layer"] <= layers]  # the transformer blocks
     written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     shutil.rmtree(src)
     shutil.rmtree(out)
@@ -205,8 +209,8 @@ def measure(layers: int, work: Path, target: tuple[int, int, int], shape: list[s
             "peak_anon_gib": round(max(r["anon"] for r in per_layer) / 1024, 3),
             "peak_file_gib": round(max(r["file"] for r in per_layer) / 1024, 3),
             "start_anon_mib": round(mem["start_mib"]["anon"], 1), "start_file_mib": round(mem["start_mib"]["file"], 1),
-            "stage0_blocks_anon_spread_mib": _spread([r["anon"] for r in blocks]),
-            "stage0_blocks_file_spread_mib": _spread([r["file"] for r in blocks]),
+            "blocks_anon_spread_mib": _spread([r["anon"] for r in blocks]),
+            "blocks_file_spread_mib": _spread([r["file"] for r in blocks]),
             "largest_layer_gib": round(layer_bytes(cfg) / 2 ** 30, 3),
             "target_gib": round(3 * layer_bytes(cfg) / 2 ** 30 + 2, 2), "per_layer_peak_mib": per_layer}
 

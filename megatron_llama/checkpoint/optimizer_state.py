@@ -15,7 +15,7 @@ is ``layout.unshard`` of its TP shards (replicated ones, e.g. norms, are taken f
 Vocabulary rows past ``vocab_size`` (TP padding) are dropped, so what comes out does not depend
 on the layout it was saved with.
 
-Streaming: files are opened with ``torch.load(mmap=True)`` one pipeline stage at a time and one
+Streaming: files are opened with ``torch.load(mmap=True)`` afresh for every parameter, and one
 parameter is assembled at a time. Names are the global names of ``params.py``.
 """
 from __future__ import annotations
@@ -174,10 +174,11 @@ def iter_param_states(ckpt: NativeCheckpoint, keys: tuple[str, ...] = STATE_KEYS
         for name in sorted(shards.names(), key=order.__getitem__):
             by_layer.setdefault(by_name[name].layer, []).append(name)
         for names in by_layer.values():
-            # mapped pages touched for a layer count in this process's RSS until the files are
-            # unmapped: map them afresh per layer so the footprint does not grow with the stage
-            shards = shards or _StageShards(ckpt, stage)
             for name in names:
+                # mapped pages that were read stay resident (and count in RSS) until their file is
+                # unmapped: map the files afresh per parameter, so at most one parameter's pages
+                # are resident, whatever the depth of the stage or the size of a layer
+                shards = shards or _StageShards(ckpt, stage)
                 row = by_name[name]
                 out = {}
                 for key in keys:
@@ -188,8 +189,8 @@ def iter_param_states(ckpt: NativeCheckpoint, keys: tuple[str, ...] = STATE_KEYS
                                           f"says {row.shape}: the checkpoint does not match its run.json")
                     out[key] = full[:vocab] if row.vocab_rows else full
                 seen.add(name)
+                shards = None
                 yield row, out
-            shards = None
     missing = sorted(set(by_name) - seen)
     if missing:
         raise ConfigError(f"{ckpt.path}: missing {len(missing)} parameter(s), e.g. {', '.join(missing[:3])}")
