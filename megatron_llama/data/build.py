@@ -114,6 +114,20 @@ def _load_tokenizer(path: Optional[str], model_vocab_size: int) -> Tokenizer:
     return tok
 
 
+def check_corpus_or_sources(data: DataConfig, model_vocab_size: int, corpus_kind: str, sources_kind: str,
+                            shipped: str) -> None:
+    """The checks shared by pretraining and SFT data: corpus and sources are exclusive, the corpus
+    exists, and a given tokenizer fits the model's vocabulary. ConfigError otherwise."""
+    if data.corpus is not None and data.sources:
+        raise ConfigError(f"data.corpus and data.sources are both set: use corpus for {corpus_kind} or "
+                          f"sources for {sources_kind}, not both")
+    if data.corpus is not None:
+        if not Path(data.corpus).is_file():
+            raise ConfigError(f"data.corpus={data.corpus} does not exist: point it at {shipped}")
+        if data.tokenizer is not None:
+            _load_tokenizer(data.tokenizer, model_vocab_size)
+
+
 def _prepare_corpus(data: DataConfig, model_vocab_size: int) -> tuple[str, str]:
     """Train/preprocess the raw corpus into the cache if needed; (tokenizer path, prefix)."""
     from .preprocess import preprocess  # imports tqdm/multiprocessing only when needed
@@ -171,15 +185,9 @@ def build_train_dataset(data: DataConfig, seed: int, model_vocab_size: int,
             return SyntheticDataset(seq_len, model_vocab_size, seed + SYNTHETIC_VALID_SEED, num_samples=1 << 16)
         return SyntheticDataset(seq_len, model_vocab_size, seed)
     run = rank_zero_first or (lambda fn: fn())
-    if data.corpus is not None and data.sources:
-        raise ConfigError("data.corpus and data.sources are both set: use corpus for raw JSONL or "
-                          "sources for preprocessed .bin/.idx, not both")
+    check_corpus_or_sources(data, model_vocab_size, "raw JSONL", "preprocessed .bin/.idx",
+                            "a JSONL file (data/corpus.jsonl ships with the repository)")
     if data.corpus is not None:
-        if not Path(data.corpus).is_file():
-            raise ConfigError(f"data.corpus={data.corpus} does not exist: point it at a JSONL file "
-                              "(data/corpus.jsonl ships with the repository)")
-        if data.tokenizer is not None:
-            _load_tokenizer(data.tokenizer, model_vocab_size)
         paths: list = []
         run(lambda: paths.append(_prepare_corpus(data, model_vocab_size)))
         tokenizer, prefix = paths[-1]

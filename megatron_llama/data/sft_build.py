@@ -98,22 +98,16 @@ def _source_paths(sources) -> list[str]:
 def build_sft_dataset(data: DataConfig, seed: int, model_vocab_size: int,
                       rank_zero_first: Optional[Callable] = None) -> PackedSFTDataset:
     """Validated, packed SFT rows for ``data`` (``data.sft`` is true); ConfigError for bad input."""
-    from .build import _check_ids, _load_tokenizer  # shared checks with pretraining data
+    from .build import _check_ids, _load_tokenizer, check_corpus_or_sources  # shared with pretraining data
     run = rank_zero_first or (lambda fn: fn())
     seq_len = data.seq_len
     template = chat_template(data.chat_template)
     if data.synthetic:
         raise ConfigError("data.synthetic=true with data.sft=true: SFT needs real conversations; "
                           "set data.corpus: data/instructions.jsonl (shipped) instead")
-    if data.corpus is not None and data.sources:
-        raise ConfigError("data.corpus and data.sources are both set: use corpus for raw SFT JSONL or "
-                          "sources for `mllama-preprocess --sft` output, not both")
+    check_corpus_or_sources(data, model_vocab_size, "raw SFT JSONL", "`mllama-preprocess --sft` output",
+                            "an SFT JSONL file (data/instructions.jsonl ships with the repository)")
     if data.corpus is not None:
-        if not Path(data.corpus).is_file():
-            raise ConfigError(f"data.corpus={data.corpus} does not exist: point it at an SFT JSONL file "
-                              "(data/instructions.jsonl ships with the repository)")
-        if data.tokenizer is not None:
-            _load_tokenizer(data.tokenizer, model_vocab_size)
         out: list = []
         run(lambda: out.append(_prepare_corpus(data, model_vocab_size)))
         tokenizer, paths, name = out[-1][0], [out[-1][1]], f"SFT corpus {data.corpus}"
