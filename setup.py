@@ -20,9 +20,11 @@ setup(
         "zstandard",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-xdist", "hypothesis", "transformers", "safetensors", "matplotlib", "tensorboard"],
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "transformers", "safetensors", "matplotlib", "tensorboard",
+                "lm-eval==0.4.13"],
         "tensorboard": ["tensorboard"],  # train.tensorboard_dir
         "plot": ["matplotlib"],          # mllama-plot
+        "eval": ["lm-eval==0.4.13"],     # mllama-eval, train.eval_tasks (lm-evaluation-harness)
         # mllama-bench --baseline torchtitan,torchtitan-fp8 (0.3 needs a newer torch than 2.11)
         "bench": ["torchtitan==0.2.2", "torchao==0.18.0", "transformers", "matplotlib"],
     },
@@ -34,6 +36,7 @@ setup(
             "mllama-convert=checkpoints_tools.convert:main",
             "mllama-bench=launch.bench:main",
             "mllama-plot=launch.plot:main",
+            "mllama-eval=launch.eval:main",
         ],
     },
 )

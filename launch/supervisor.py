@@ -81,8 +81,9 @@ def _describe_rc(rank: int, rc: int) -> str:
 
 def run_ranks(argv: list[str], nproc: int, forwarder: _Forwarder, *, node_rank: int = 0, nnodes: int = 1,
               master_addr: str = "127.0.0.1", master_port: int = 0, attempt: int = 0,
-              grace_s: float = 5.0) -> Attempt:
-    """One attempt: start ``nproc`` ranks of ``launch.train argv`` on this node and wait for them."""
+              grace_s: float = 5.0, module: str = "launch.train") -> Attempt:
+    """One attempt: start ``nproc`` ranks of ``python -m module argv`` (the trainer, or
+    ``launch.eval``) on this node and wait for them."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("PYTHONWARNINGS", "ignore")
@@ -91,7 +92,7 @@ def run_ranks(argv: list[str], nproc: int, forwarder: _Forwarder, *, node_rank: 
     procs = []
     for local in range(nproc):
         rank = node_rank * nproc + local
-        procs.append(subprocess.Popen([sys.executable, "-m", "launch.train", *argv], preexec_fn=_die_with_parent,
+        procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], preexec_fn=_die_with_parent,
                                       env=dict(env, RANK=str(rank), LOCAL_RANK=str(local))))
     forwarder.procs = procs
     first: Optional[tuple[int, int]] = None  # (local index, returncode) of the first rank to fail
@@ -138,13 +139,13 @@ def _is_clean_stop(rc: int) -> bool:
 
 def supervise(argv: list[str], nproc: int, max_restarts: int, backoff_s: float, *, node_rank: int = 0,
               nnodes: int = 1, master_addr: str = "127.0.0.1", master_port: int = 0,
-              grace_s: float = 5.0) -> int:
+              grace_s: float = 5.0, module: str = "launch.train") -> int:
     """Run attempts until one ends with a status that is not restartable; returns that status."""
     attempt = 0
     with _Forwarder() as fwd:
         while True:
             result = run_ranks(argv, nproc, fwd, node_rank=node_rank, nnodes=nnodes, master_addr=master_addr,
-                               master_port=master_port, attempt=attempt, grace_s=grace_s)
+                               master_port=master_port, attempt=attempt, grace_s=grace_s, module=module)
             if fwd.received is not None:  # stopped on request: whatever the ranks did, don't restart
                 return result.status if result.status > exit_codes.SIGNAL_BASE else exit_codes.for_signal(
                     fwd.received)
