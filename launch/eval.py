@@ -118,6 +118,7 @@ def _eval_hf(args, path: Path, names: list[str], tm) -> int:
     _hf_tokenizer_check(path)
     t0 = time.perf_counter()
     results = evaluate("hf", names, tm, args.limit, log_samples=args.log_samples, batch_size=args.batch_size,
+                       progress=not args.no_progress,
                        model_args={"pretrained": str(path), "dtype": "float32", "device": "cpu"})
     meta = {"checkpoint": str(path), "backend": "hf", "seconds": round(time.perf_counter() - t0, 2)}
     _report(args, results, meta, Path(args.output) if args.output else _default_output(path, None))
@@ -159,7 +160,7 @@ def _eval_native_rank(args, names: list[str]) -> int:
         tm = check_tasks(names, _paths(args))
         lm = NativeLM(shared.score, tok, max_length=cfg.model.max_seq_len, batch_size=args.batch_size,
                       max_gen_toks=args.max_gen_toks, progress=not args.no_progress)
-        results = evaluate(lm, names, tm, args.limit, log_samples=args.log_samples)
+        results = evaluate(lm, names, tm, args.limit, log_samples=args.log_samples, progress=not args.no_progress)
     meta = {"checkpoint": str(ck.path), "backend": "native", "step": ck.step, "layout": layout.describe(),
             "tokenizer": tok_path, "dtype": str(dtype).replace("torch.", ""),
             "seconds": round(time.perf_counter() - t0, 2)}
@@ -170,8 +171,11 @@ def _eval_native_rank(args, names: list[str]) -> int:
 def build_model(cfg, layout, topo, dtype, device):
     """This rank's part of the model, randomly initialised (the weights are loaded next)."""
     if layout.pp > 1:
+        import contextlib
+        import io
         from pipelines.stages import build_pipeline_module
-        return build_pipeline_module(cfg, topo, dtype, device, layout.dp)
+        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's topology banner
+            return build_pipeline_module(cfg, topo, dtype, device, layout.dp)
     from megatron_llama.model import LlamaModel
     return LlamaModel(cfg.model, cfg.parallel, dtype=dtype, device=device, seed=cfg.train.seed)
 
@@ -195,8 +199,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
     import warnings
     warnings.filterwarnings("ignore")  # megatron-core's "Apex not installed" at import, on every rank
-    if args.no_progress:
-        os.environ["TQDM_DISABLE"] = "1"  # lm-eval's own bars too
     in_launcher = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", "0"))
     try:

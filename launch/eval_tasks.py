@@ -128,13 +128,16 @@ def _own_random_state():
 
 
 def evaluate(lm, names: list[str], tm, limit: Optional[int] = None, model_args: Optional[dict] = None,
-             log_samples: bool = False, batch_size: Optional[int] = None) -> dict:
+             log_samples: bool = False, batch_size: Optional[int] = None, progress: bool = True) -> dict:
     """lm-eval's ``simple_evaluate`` on ``lm`` (an ``LM`` object, or a model type name such as ``"hf"``
-    with ``model_args``); returns its results dict (``results``, ``samples`` with ``log_samples``)."""
+    with ``model_args``); returns its results dict (``results``, ``samples`` with ``log_samples``).
+    Without ``progress`` lm-eval's own progress bars (stderr) are not shown."""
     from lm_eval import simple_evaluate
     force_offline()
     quiet_lm_eval()
-    with _own_random_state(), contextlib.redirect_stdout(open(os.devnull, "w")):
+    devnull = open(os.devnull, "w")
+    bars = contextlib.nullcontext() if progress else contextlib.redirect_stderr(devnull)
+    with _own_random_state(), contextlib.redirect_stdout(devnull), bars, devnull:
         out = simple_evaluate(model=lm, model_args=model_args, tasks=names, task_manager=tm, limit=limit or None,
                               log_samples=log_samples, batch_size=batch_size, bootstrap_iters=1000)
     if out is None:

@@ -38,6 +38,11 @@ class RunMonitor:
         self.run_log.write("valid", step, metrics)
         self._scalars(step, metrics)
 
+    def eval_tasks(self, step: int, metrics: dict) -> None:
+        """lm-eval results of a checkpoint (launch/eval_in_training.py): ``eval/<task>/<metric>``."""
+        self.run_log.write("eval_tasks", step, metrics)
+        self._scalars(step, metrics)
+
     def event(self, step: int, record: dict) -> None:
         self.run_log.write("event", step, record)
 

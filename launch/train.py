@@ -56,6 +56,7 @@ class TrainSummary:
     valid_losses: list = field(default_factory=list)  # [step, validation loss]
     skipped_steps: int = 0         # NaN/Inf or spike steps whose update was not applied
     rollbacks: int = 0
+    eval_tasks: list = field(default_factory=list)  # [step, {"eval/<task>/<metric>": value}] (rank 0)
     diverged: Optional[str] = None  # why too many spikes / NaNs in a row stopped the run (exit status 4)
 
 
@@ -147,6 +148,7 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
     from .rollback import SkippedSamples, reposition, respond
     from .spikes import StepGuard
     from .validation import Validator
+    from .eval_in_training import TaskEvaluator
     from .watchdog import Heartbeat
 
     device, _backend = init_distributed(timeout_minutes=cfg.train.collective_timeout_s / 60)
@@ -162,6 +164,7 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
     meta = checkpoint.latest(t.save_dir) if save and start_step else None
     skips = SkippedSamples.load(t.save_dir, meta) if save else SkippedSamples(None)
     validator = Validator(cfg, layout, engine, rank_zero_first)
+    tasks = TaskEvaluator(cfg, layout, engine, device, on=save)  # on saved checkpoints
     guard = StepGuard(t)
     guard.load_state_dict((meta or {}).get("spike_detector"))
     run_state = lambda: {"skipped_samples": skips.ranges, "spike_detector": guard.state_dict()}  # noqa: E731
@@ -177,6 +180,8 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
     if init_line:
         logger.print(init_line)
     logger.print(f"  {validator.describe()}; loss spikes: {t.spike_action} (z > {t.spike_zscore:g})")
+    if tasks.enabled:
+        logger.print(f"  {tasks.describe()}")
 
     summary = TrainSummary(resumed_from=start_step or None)
     end = t.steps if max_steps is None else min(t.steps, start_step + max_steps)
@@ -245,6 +250,7 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
                 checkpoint.save(engine, cfg, layout, t.save_dir, step, consumed, result.loss,
                                 reason="interval" if interval else "timed", extra=run_state(),
                                 on_written=lambda s: faults.at("kill-saving", s))
+                _eval_tasks(tasks, step, False, heart, monitor, logger, summary)
                 boundary.saved()
         summary.wall_time_s = time.perf_counter() - t0
         summary.steps = step - start_step
@@ -256,6 +262,7 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
             summary.checkpoint = str(checkpoint.save(engine, cfg, layout, t.save_dir, step, consumed,
                                                      summary.losses[-1], reason=reason, extra=run_state(),
                                                      on_written=lambda s: faults.at("kill-saving", s)))
+            _eval_tasks(tasks, step, True, heart, monitor, logger, summary)
         monitor.end(step, {"status": "diverged" if summary.diverged else (signal_name(summary.stop_signal)
                                                                           if summary.stop_signal else "done"),
                            "wall_time_s": round(summary.wall_time_s, 2)})
@@ -286,6 +293,20 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
         logger.print(f"nothing to do: the checkpoint in {t.save_dir} is already at step {step} of {t.steps}"
                      " (raise train.steps to continue)")
     return summary
+
+
+def _eval_tasks(tasks, step: int, last: bool, heart, monitor, logger, summary: TrainSummary) -> None:
+    """``train.eval_tasks`` on the checkpoint just saved, when due (launch/eval_in_training.py)."""
+    if not tasks.enabled:
+        return
+    heart.beat(step, "eval tasks")
+    out = tasks.after_save(step, last, beat=lambda: heart.beat(step, "eval tasks"))
+    if out is None:
+        return
+    monitor.eval_tasks(step, out["scalars"])
+    summary.eval_tasks.append([step, out["scalars"]])
+    shown = " | ".join(f"{t} {m} {v:.4f}" for t, m, v, _ in out["rows"])
+    logger.print(f"eval tasks at step {step}: {shown} ({out['seconds']:.1f} s; {out['path']})")
 
 
 def _init_from(cfg: RunConfig, layout, save: bool):
@@ -319,7 +340,8 @@ def _write_summary(cfg: RunConfig, layout, summary: TrainSummary, total_s: float
             "resumed_from": summary.resumed_from, "stop_signal": summary.stop_signal,
             "valid_losses": summary.valid_losses,
             "best_valid_loss": min((v for _, v in summary.valid_losses), default=None),
-            "skipped_steps": summary.skipped_steps, "rollbacks": summary.rollbacks, "diverged": summary.diverged}
+            "skipped_steps": summary.skipped_steps, "rollbacks": summary.rollbacks, "diverged": summary.diverged,
+            "eval_tasks": summary.eval_tasks}
     (root / "summary.json").write_text(json.dumps(info, indent=2))
     (root / "summary.txt").write_text("\n".join(lines) + "\n")
 
@@ -366,6 +388,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             from megatron_llama.model import fp8
             fp8.check_supported()
         writable_dir(cfg.train.save_dir, "train.save_dir")  # before any step, not at the first save
+        if cfg.train.eval_tasks and not in_launcher:  # before any process starts (the ranks check again)
+            from .eval_tasks import check_tasks, include_paths
+            check_tasks(cfg.train.eval_tasks, include_paths())
         checkpoint.check_run_dir(cfg.train.save_dir)
         if not in_launcher:
             n = processes_needed(cfg)

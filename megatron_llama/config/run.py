@@ -128,6 +128,11 @@ class TrainConfig:
     eval_interval: int = 0
     eval_iters: int = 10
     tensorboard_dir: Optional[str] = None  # rank 0 writes TensorBoard event files here
+    # lm-evaluation-harness tasks (launch/eval_in_training.py, needs megatron-llama[eval]) on the weights of
+    # every eval_tasks_every-th checkpoint and of the last one; eval_tasks_limit items per task (0 = all)
+    eval_tasks: list = field(default_factory=list)
+    eval_tasks_every: int = 1
+    eval_tasks_limit: int = 0
     # loss spikes (launch/spikes.py): z-score of the loss over the last spike_window accepted steps,
     # checked after spike_warmup steps; NaN/Inf loss or grad norm is always skipped
     spike_action: str = "warn"
@@ -163,6 +168,12 @@ class TrainConfig:
                      "restart_backoff_s", "hang_timeout_s"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0 (0 = off), got {getattr(self, name)}")
+        if self.eval_tasks_every < 1 or self.eval_tasks_limit < 0:
+            raise ConfigError(f"train.eval_tasks_every must be >= 1 (got {self.eval_tasks_every}) and "
+                              f"train.eval_tasks_limit >= 0 (got {self.eval_tasks_limit}; 0 = every item)")
+        if not all(isinstance(t, str) and t.strip() for t in self.eval_tasks):
+            raise ConfigError(f"train.eval_tasks={self.eval_tasks!r}: give lm-eval task names, e.g. "
+                              "[mllama_story_color, mllama_story_count]")
         if self.collective_timeout_s <= 0:
             raise ConfigError(f"train.collective_timeout_s must be positive, got {self.collective_timeout_s}")
 

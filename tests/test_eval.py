@@ -1,0 +1,120 @@
+"""``mllama-eval`` and ``train.eval_tasks`` with the real lm-evaluation-harness, offline.
+
+A tiny model is trained a few steps (its in-training evaluation logged like the validation loss),
+exported to HF in fp32 and converted to TP2·PP2. The shipped offline tasks (configs/eval_tasks:
+multiple choice + greedy generation) then run through our backend at TP1 and at TP2·PP2 and through
+lm-eval's own ``hf`` backend on the export: the same accuracy, the same generations, per-item
+log-likelihoods within 1e-4. Nothing may come from the Hub: HF_DATASETS_OFFLINE / HF_HUB_OFFLINE
+are set and HF_HOME is an empty directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = "mllama_story_color,mllama_story_count"
+LIMIT = "12"
+LL_TOL = 1e-4  # fp32 on both sides
+
+
+def _env(tmp: Path) -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+                HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf-home"))
+
+
+def _run(tmp: Path, module: str, *args) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", module, *map(str, args)], env=_env(tmp), capture_output=True,
+                         text=True, timeout=600, cwd=tmp)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A TP1 run of 20 steps that evaluated a task at its two checkpoints, its fp32 HF export, and
+    the export converted to TP2·PP2."""
+    tmp = tmp_path_factory.mktemp("eval")
+    run = tmp / "run"
+    _run(tmp, "launch.train", ROOT / "configs" / "tiny-cpu-3d.yaml", "parallel.tp=1", "parallel.pp=1",
+         "parallel.dp=1", "train.steps=20", "train.save_interval=10", f"train.save_dir={run}",
+         f"data.corpus={ROOT / 'data' / 'corpus.jsonl'}", f"data.cache_dir={tmp / 'data'}", "train.eval_interval=0",
+         "train.eval_tasks=[mllama_story_color]", "train.eval_tasks_limit=8")
+    hf = tmp / "hf"
+    _run(tmp, "checkpoints_tools.convert", "native-to-hf", run, hf, "--dtype", "fp32", "--no-progress", "--verify", "no")
+    tp2pp2 = tmp / "tp2pp2"
+    _run(tmp, "checkpoints_tools.convert", "hf-to-native", hf, tp2pp2, "--tp", "2", "--pp", "2", "--no-progress",
+         "--verify", "no")
+    return {"tmp": tmp, "run": run, "hf": hf, "tp2pp2": tp2pp2}
+
+
+def _evaluate(trained, target: Path, name: str) -> dict:
+    out = trained["tmp"] / f"{name}.json"
+    res = _run(trained["tmp"], "launch.eval", target, "--tasks", TASKS, "--limit", LIMIT, "--log-samples",
+               "--no-progress", "--output", out)
+    assert "mllama_story_color" in res.stdout and "acc" in res.stdout, res.stdout  # the table
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def native_tp1(trained):
+    return _evaluate(trained, trained["run"], "native-tp1")
+
+
+def _samples(result: dict, task: str) -> dict:
+    return {s["doc_id"]: s for s in result["samples"][task]}
+
+
+def _value(result: dict, task: str, metric: str) -> float:
+    return next(r["value"] for r in result["rows"] if r["task"] == task and r["metric"] == metric)
+
+
+def _assert_same(a: dict, b: dict) -> float:
+    """Same accuracy and generations; returns the largest per-item log-likelihood difference."""
+    for task, metric in (("mllama_story_color", "acc"), ("mllama_story_count", "exact_match (strip)")):
+        assert _value(a, task, metric) == _value(b, task, metric), (task, a["rows"], b["rows"])
+    sa, sb = _samples(a, "mllama_story_color"), _samples(b, "mllama_story_color")
+    assert sorted(sa) == sorted(sb) and len(sa) == int(LIMIT)
+    worst = 0.0
+    for doc in sa:
+        for (ll_a, greedy_a), (ll_b, greedy_b) in zip((r[0] for r in sa[doc]["resps"]), (r[0] for r in sb[doc]["resps"])):
+            worst = max(worst, abs(ll_a - ll_b))
+            assert greedy_a == greedy_b
+    ga, gb = _samples(a, "mllama_story_count"), _samples(b, "mllama_story_count")
+    assert {d: s["resps"] for d, s in ga.items()} == {d: s["resps"] for d, s in gb.items()}
+    return worst
+
+
+def test_training_logs_eval_tasks_like_validation(trained):
+    run = trained["run"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["type"] == "eval_tasks"]
+    assert [r["step"] for r in evals] == [10, 20]
+    assert all(0.0 <= r["eval/mllama_story_color/acc"] <= 1.0 for r in evals)
+    summary = json.loads((run / "summary.json").read_text())
+    assert [s for s, _ in summary["eval_tasks"]] == [10, 20]
+    saved = json.loads((run / "eval_tasks" / "step0000020.json").read_text())
+    assert saved["limit"] == 8 and saved["rows"][0]["task"] == "mllama_story_color"
+    assert saved["rows"][0]["value"] == evals[-1]["eval/mllama_story_color/acc"]
+
+
+def test_native_backend_matches_lm_eval_hf_backend(trained, native_tp1):
+    hf = _evaluate(trained, trained["hf"], "hf")
+    assert native_tp1["backend"] == "native" and hf["backend"] == "hf"
+    worst = _assert_same(native_tp1, hf)
+    print(f"max per-item log-likelihood difference, native TP1 vs lm-eval hf: {worst:.2e}")
+    assert worst < LL_TOL
+
+
+def test_native_backend_tp2_pp2_equals_tp1(trained, native_tp1):
+    split = _evaluate(trained, trained["tp2pp2"], "native-tp2pp2")
+    assert split["layout"].startswith("TP2·PP2")
+    worst = _assert_same(native_tp1, split)
+    print(f"max per-item log-likelihood difference, TP2·PP2 vs TP1: {worst:.2e}")
+    assert worst < LL_TOL
