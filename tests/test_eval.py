@@ -118,3 +118,68 @@ def test_native_backend_tp2_pp2_equals_tp1(trained, native_tp1):
     worst = _assert_same(native_tp1, split)
     print(f"max per-item log-likelihood difference, TP2·PP2 vs TP1: {worst:.2e}")
     assert worst < LL_TOL
+
+
+# --- bad input: one `error:` line, exit status 2, before any model is loaded (in-process) ---------------
+
+def _fake_hf_dir(tmp: Path) -> Path:
+    """An HF directory as far as the task check needs (it fails before the weights are read)."""
+    d = tmp / "hf-like"
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text("{}")
+    (d / "tokenizer.json").write_text("{}")
+    return d
+
+
+def _eval_main(capsys, *argv) -> tuple[int, list[str]]:
+    from launch.eval import main
+    rc = main([str(a) for a in argv])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return rc, err
+
+
+@pytest.fixture
+def offline_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("task, words", [("no_such_task_xyz", "has no task"),
+                                         ("arc_easy", "needs its dataset from the Hugging Face Hub")])
+def test_unknown_or_network_task_is_one_line(offline_env, capsys, task, words):
+    rc, err = _eval_main(capsys, _fake_hf_dir(offline_env), "--tasks", f"mllama_story_color,{task}")
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+
+
+def test_checkpoint_without_tokenizer_is_one_line(trained, tmp_path, capsys):
+    import shutil
+    step = trained["run"] / "step0000020"
+    copy = tmp_path / "step0000020"
+    shutil.copytree(step, copy)
+    meta = json.loads((copy / "run.json").read_text())
+    meta["config"]["data"]["cache_dir"] = str(tmp_path / "deleted-cache")  # the trained tokenizer is gone
+    (copy / "run.json").write_text(json.dumps(meta))
+    rc, err = _eval_main(capsys, copy, "--tasks", "mllama_story_color")
+    assert rc == 2 and len(err) == 1 and "has no tokenizer" in err[0] and "--tokenizer" in err[0], err
+    rc, err = _eval_main(capsys, copy, "--tasks", "mllama_story_color", "--tokenizer", tmp_path / "nope.model")
+    assert rc == 2 and len(err) == 1 and "does not exist" in err[0], err
+
+
+def test_without_lm_eval_installed(tmp_path, capsys, monkeypatch):
+    """lm-eval is optional: the package imports without it; mllama-eval and train.eval_tasks say how to get it."""
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
+    import importlib
+    for module in ("launch.eval", "launch.eval_tasks", "launch.eval_in_training", "launch.eval_ranks",
+                   "pipelines.forward_only", "launch.train"):
+        importlib.import_module(module)
+    rc, err = _eval_main(capsys, _fake_hf_dir(tmp_path), "--tasks", "mllama_story_color")
+    assert rc == 2 and len(err) == 1 and "pip install 'megatron-llama[eval]'" in err[0], err
+    from launch.train import main
+    rc = main([str(ROOT / "configs" / "tiny-cpu-3d.yaml"), f"train.save_dir={tmp_path / 'run'}",
+               "train.eval_tasks=[mllama_story_color]"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and "lm-evaluation-harness" in err[0], err
