@@ -142,6 +142,7 @@ def _eval_native_rank(args, names: list[str]) -> int:
     cfg = ck.config
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp = ck.tp, ck.pp, None
     cfg.train.compile = False  # every batch has another shape
+    cfg.parallel.resolve_dp(int(os.environ["WORLD_SIZE"]))  # a world that is not tp*pp*N: one line
     device, _ = init_distributed(timeout_minutes=cfg.train.collective_timeout_s / 60)
     layout, topo = build_topology(cfg.parallel, cfg.train.seed, device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.dtype) or resolve_dtype("auto", device)
