@@ -38,7 +38,8 @@ EPILOG = """examples:
 the shipped offline tasks (configs/eval_tasks, regenerate with configs/eval_tasks/generate.py):
   mllama_story_color   multiple choice (acc): the colour of the animals in a corpus story
   mllama_story_count   greedy generation (exact_match): how many animals the story has
-  mllama_offline       both
+  mllama_corpus_ppl    rolling log-likelihood (word / byte perplexity, bits per byte) of corpus documents
+  mllama_offline       all three
 during training: train.eval_tasks=[mllama_story_color] train.eval_tasks_every=2 (every 2nd checkpoint)
 exit status: 0 done, 1 failed, 2 bad input
 """

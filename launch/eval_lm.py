@@ -8,7 +8,10 @@ prefix token. So the same checkpoint, exported, gives the same requests to both 
 
 * ``loglikelihood``: sum of log p over the continuation's tokens, and whether each of them is
   the greedy token (exact; sequences longer than ``max_length`` + 1 lose tokens on the left).
-* ``loglikelihood_rolling``: lm-eval's disjoint rolling windows of ``max_length`` tokens.
+* ``loglikelihood_rolling``: lm-eval's disjoint rolling windows of ``max_length`` tokens over the
+  document's tokens, after one prefix (BOS) token, as the ``LM`` contract says. (lm-eval 0.4.13's
+  hf backend lets the tokenizer add a BOS to the document as well, so it scores the document after
+  two BOS tokens, and the BOS too: its perplexities differ from these.)
 * ``generate_until``: greedy only (``do_sample: true`` or a temperature > 0 is refused), up to
   ``max_gen_toks`` tokens, stopping at EOS or any ``until`` string. There is no KV cache: each
   new token is a forward pass over the whole batch (fine for short answers; O(n^2) in length).

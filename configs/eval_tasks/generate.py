@@ -10,6 +10,8 @@ training documents.
   eight colours of the corpus generator as choices, ``gold`` = the index of the story's colour.
 * ``story_count.jsonl`` (generation, exact match): the story's first line and
   ``Q: How many <animal>s does <name> have? A:``, ``answer`` = the count as digits.
+* ``corpus_sentences.jsonl`` (rolling log-likelihood: word / byte perplexity, bits per byte): the
+  corpus's first ``--items`` documents of templated sentences, whole.
 """
 from __future__ import annotations
 
@@ -47,6 +49,18 @@ def story_items(corpus: Path, items: int) -> tuple[list[dict], list[dict]]:
     return colors, counts
 
 
+def sentence_docs(corpus: Path, items: int) -> list[dict]:
+    out = []
+    with open(corpus, encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)
+            if doc["kind"] == "sentences":
+                out.append({"id": doc["id"], "text": doc["text"]})
+                if len(out) == items:
+                    break
+    return out
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8", newline="\n") as f:
@@ -64,7 +78,10 @@ def main(argv: list[str] | None = None) -> None:
     colors, counts = story_items(Path(args.corpus), args.items)
     write_jsonl(Path(args.out) / "story_color.jsonl", colors)
     write_jsonl(Path(args.out) / "story_count.jsonl", counts)
-    print(f"wrote {len(colors)} items each to {args.out}/story_color.jsonl and story_count.jsonl")
+    sentences = sentence_docs(Path(args.corpus), args.items)
+    write_jsonl(Path(args.out) / "corpus_sentences.jsonl", sentences)
+    print(f"wrote {len(colors)} items each to {args.out}/story_color.jsonl, story_count.jsonl and "
+          "corpus_sentences.jsonl")
 
 
 if __name__ == "__main__":
