@@ -13,7 +13,8 @@ choice; one per generated token for generation, no KV cache) plus lm-eval's task
 wall time is one replica's). ``train.eval_tasks_limit`` caps the items per task.
 The tasks and the tokenizer are checked once at start-up (rank 0; the error reaches every rank):
 an unknown task, one needing the network, or a run without a tokenizer stops before step 1.
-An evaluation that fails later is one ``warning:`` line; training goes on.
+An evaluation that fails later is one ``warning:`` line; training goes on. A save on SIGTERM /
+SIGUSR1 (preemption: little time left) is not evaluated.
 """
 from __future__ import annotations
 

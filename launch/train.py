@@ -262,7 +262,8 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
             summary.checkpoint = str(checkpoint.save(engine, cfg, layout, t.save_dir, step, consumed,
                                                      summary.losses[-1], reason=reason, extra=run_state(),
                                                      on_written=lambda s: faults.at("kill-saving", s)))
-            _eval_tasks(tasks, step, True, heart, monitor, logger, summary)
+            if not summary.stop_signal:  # a preempted job has seconds left: save, don't evaluate
+                _eval_tasks(tasks, step, True, heart, monitor, logger, summary)
         monitor.end(step, {"status": "diverged" if summary.diverged else (signal_name(summary.stop_signal)
                                                                           if summary.stop_signal else "done"),
                            "wall_time_s": round(summary.wall_time_s, 2)})
