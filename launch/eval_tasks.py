@@ -101,7 +101,7 @@ def check_tasks(names: list[str], paths: list[str]):
                               f"go in {SHIPPED_TASKS} or a directory passed with --include-path")
     for name in names:
         try:
-            with contextlib.redirect_stdout(open(os.devnull, "w")):
+            with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
                 tm.load([name])
         except Exception as e:  # lm-eval / datasets raise many kinds; the first line says which dataset
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
