@@ -36,14 +36,17 @@ def _run(argv) -> int:
 
 
 def test_hf_round_trip_through_tp2_pp2_is_bitwise(tmp_path):
+    """fp32 in, fp32 out without asking (--dtype auto: the stored dtype), every tensor bitwise."""
     hf = _hf_dir(tmp_path, "qkv-bias")
     assert _run(["hf-to-native", str(hf), str(tmp_path / "n"), "--tp", "2", "--pp", "2", "--verify", "no"]) == 0
-    assert _run(["native-to-hf", str(tmp_path / "n"), str(tmp_path / "back"), "--dtype", "fp32",
+    assert json.loads((tmp_path / "n" / "run.json").read_text())["dtype"] == "float32"
+    assert _run(["native-to-hf", str(tmp_path / "n"), str(tmp_path / "back"),
                  "--max-shard-size", "50KB", "--verify", "yes"]) == 0
     a, b = _tensors(hf), _tensors(tmp_path / "back")
     assert set(a) == set(b)
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        assert a[k].dtype == b[k].dtype == torch.float32 and torch.equal(a[k], b[k]), k
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["torch_dtype"] == "float32"
     index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in b.values())
     from safetensors import safe_open
@@ -51,6 +54,34 @@ def test_hf_round_trip_through_tp2_pp2_is_bitwise(tmp_path):
     with safe_open(str(first), "pt") as f:
         assert f.metadata() == {"format": "pt"}
     assert json.loads((tmp_path / "back" / "generation_config.json").read_text())["eos_token_id"] == 2
+
+
+def test_export_dtype_is_the_stored_one_unless_asked(tmp_path):
+    """A bf16 checkpoint exports as bf16 by default (no silent upcast either); --dtype chooses;
+    an HF input mixing bf16 and fp32 converts to fp32 (exact for both); float64 is refused."""
+    from safetensors.torch import load_file, save_file
+    hf = _hf_dir(tmp_path, "gqa", shard="10MB")
+    src = _tensors(hf)
+    assert _run(["hf-to-native", str(hf), str(tmp_path / "bf"), "--tp", "2", "--pp", "2", "--dtype", "bf16",
+                 "--verify", "no"]) == 0
+    assert _run(["native-to-hf", str(tmp_path / "bf"), str(tmp_path / "out-bf"), "--verify", "no"]) == 0
+    out = _tensors(tmp_path / "out-bf")
+    assert all(out[k].dtype == torch.bfloat16 and torch.equal(out[k], src[k].to(torch.bfloat16)) for k in src)
+    assert _run(["native-to-hf", str(tmp_path / "bf"), str(tmp_path / "out-up"), "--dtype", "fp32",
+                 "--verify", "no"]) == 0
+    up = _tensors(tmp_path / "out-up")
+    assert all(up[k].dtype == torch.float32 and torch.equal(up[k], out[k].float()) for k in src)
+    # mixed input: the norms in fp32, the matrices in bf16
+    mixed = {k: (t if t.dim() == 1 else t.to(torch.bfloat16)) for k, t in src.items()}
+    (f,) = hf.glob("*.safetensors")
+    save_file(mixed, str(f), metadata={"format": "pt"})
+    assert _run(["hf-to-native", str(hf), str(tmp_path / "mix"), "--verify", "no"]) == 0
+    assert _run(["native-to-hf", str(tmp_path / "mix"), str(tmp_path / "out-mix"), "--verify", "no"]) == 0
+    back = _tensors(tmp_path / "out-mix")
+    assert all(back[k].dtype == torch.float32 and torch.equal(back[k], mixed[k].float()) for k in src)
+    save_file({k: t.double() for k, t in load_file(f).items()}, str(f), metadata={"format": "pt"})
+    assert _run(["hf-to-native", str(hf), str(tmp_path / "f64"), "--verify", "no"]) == 2
+    assert _run(["hf-to-native", str(hf), str(tmp_path / "f64"), "--dtype", "fp32", "--verify", "no"]) == 0
 
 
 def test_pytorch_bin_input(tmp_path):
