@@ -148,7 +148,8 @@ def test_round_trip_is_bitwise(dist_pool, tmp_path, tmp_path_factory):
     mid, back = tmp_path / "tp4", tmp_path / "back"
     reshard(str(src), str(mid), 4, 1, 2, progress=False)
     # the streaming reader that native-to-hf --weights masters uses: native and resharded agree
-    from megatron_llama.checkpoint.optimizer_state import iter_fp32_masters, master_layers
+    from megatron_llama.checkpoint.optimizer_state import master_layers
+    from megatron_llama.checkpoint.resharded import iter_fp32_masters
     native, store = list(iter_fp32_masters(src)), list(iter_fp32_masters(mid))
     assert [n for n, _ in native] == [n for n, _ in store] and len(native) == 27
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(native, store))

@@ -31,7 +31,7 @@ from megatron_llama.config import ConfigError, RunConfig
 from megatron_llama.config.load import config_from_dict
 from megatron_llama.model.layout import unshard
 
-from .directory import META, latest
+from .directory import META
 from .native_weights import resolve_checkpoint, torch_load
 from .params import ParamInfo, param_table
 
@@ -194,31 +194,6 @@ def iter_param_states(ckpt: NativeCheckpoint, keys: tuple[str, ...] = STATE_KEYS
     missing = sorted(set(by_name) - seen)
     if missing:
         raise ConfigError(f"{ckpt.path}: missing {len(missing)} parameter(s), e.g. {', '.join(missing[:3])}")
-
-
-def iter_fp32_masters(ckpt_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(global name, full fp32 master weight)`` of every parameter, one at a time, in pipeline
-    order, vocabulary padding dropped (e.g. for ``native-to-hf --weights masters``). ``ckpt_dir``:
-    a run directory (newest checkpoint) or a ``stepN/``, native or written by ``reshard``."""
-    step_dir = _resharded_step_dir(Path(ckpt_dir))
-    if step_dir is not None:  # written by `mllama-convert reshard`: the masters are stored as they are
-        from .resharded import iter_store_masters
-        yield from iter_store_masters(step_dir)
-        return
-    for row, states in iter_param_states(open_native(ckpt_dir), keys=(MASTER,)):
-        yield row.name, states[MASTER]
-
-
-def _resharded_step_dir(p: Path) -> Optional[Path]:
-    if not (p / META).is_file():
-        info = latest(str(p))
-        if info is None:
-            return None
-        p = p / info["tag"]
-    try:
-        return p if json.loads((p / META).read_text()).get("format") == "resharded" else None
-    except (OSError, ValueError):
-        return None
 
 
 def read_trainer_state(ckpt: NativeCheckpoint) -> dict:
