@@ -17,7 +17,9 @@ consumed samples, the DP rank and the DP size).
 
 Streaming: one parameter (weights + two moments, fp32) in memory at a time;
 the input shards are memory-mapped. Output is written under a temporary name and renamed at
-the end, so an interrupted or failed reshard leaves nothing behind.
+the end, so an interrupted or failed reshard leaves nothing behind; a SIGKILLed one leaves
+``.OUT.reshard-PID@HOST.tmp``, which the next reshard into the same directory removes once that
+process is gone (never one of a live process).
 """
 from __future__ import annotations
 
@@ -89,6 +91,8 @@ def reshard(ckpt_path: str, out: str, tp: int, pp: int, dp=None, zero_stage=None
     from megatron_llama.checkpoint.params import param_table
     from megatron_llama.checkpoint.resharded import write_store
 
+    from .output_dir import owned_name, remove_dead
+
     ckpt = open_native(ckpt_path)
     dp = ckpt.dp if dp is None else dp
     zero_stage = ckpt.cfg.parallel.zero_stage if zero_stage is None else zero_stage
@@ -102,7 +106,9 @@ def reshard(ckpt_path: str, out: str, tp: int, pp: int, dp=None, zero_stage=None
         raise ConfigError(f"{dest} exists: choose a new OUT directory or pass --force to replace it")
     if dest.resolve() == Path(ckpt_path).resolve() or dest.resolve() in ckpt.path.resolve().parents:
         raise ConfigError(f"OUT {dest} is the checkpoint being read: choose another directory")
-    tmp = dest.with_name(f".{dest.name}.reshard-{os.getpid()}.tmp")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead(dest.parent, "reshard", ".tmp")
+    tmp = Path(f"{owned_name(dest, 'reshard')}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tag = tag_for(ckpt.step)
     total = sum(3 * 4 * _numel(r.shape) for r in param_table(ckpt.cfg.model, ckpt.tp))

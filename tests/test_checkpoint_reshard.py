@@ -126,6 +126,53 @@ def test_a_restarted_optimizer_is_caught(dist_pool, tmp_path, tmp_path_factory):
     assert worst > 10 * TOL, f"a reset optimizer went unnoticed (worst relative difference {worst:.2e})"
 
 
+_KILLED_MID_WRITE = """
+import os, signal, sys
+from megatron_llama.checkpoint import resharded
+from checkpoints_tools.reshard import reshard
+original = resharded.write_store
+def write_then_die(ckpt, step_dir, meta, on_param=None):
+    def on(name, nbytes):  # the first parameter is on disk: killed mid-write, as by the OOM killer
+        os.kill(os.getpid(), signal.SIGKILL)
+    original(ckpt, step_dir, meta, on_param=on)
+resharded.write_store = write_then_die
+reshard(sys.argv[1], sys.argv[2], 1, 1, 1, progress=False)
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_killed_reshards_leftover_is_removed_a_live_ones_kept(dist_pool, tmp_path, tmp_path_factory):
+    import signal
+    import subprocess
+    import sys
+
+    from checkpoints_tools.output_dir import _host
+    from checkpoints_tools.reshard import reshard
+    ref = saved_run(dist_pool, tmp_path_factory)
+    src, out = ref["root"] / "step0000003", tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), DS_ACCELERATOR="cpu")
+    killed = subprocess.Popen([sys.executable, "-c", _KILLED_MID_WRITE, str(src), str(out)], env=env)
+    assert killed.wait(timeout=300) == -signal.SIGKILL
+    (left,) = tmp_path.glob(".out.reshard-*.tmp")
+    assert left.name == f".out.reshard-{killed.pid}@{_host()}.tmp" and list(left.rglob("layer_000.safetensors"))
+    assert not out.exists()
+    older = tmp_path / f".out.reshard-{killed.pid}.tmp"  # the name an older version used, same dead PID
+    elsewhere = tmp_path / f".out.reshard-{killed.pid}@another-node.tmp"  # shared file system: not ours to judge
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        running = tmp_path / f".other.reshard-{live.pid}@{_host()}.tmp"  # a reshard still writing
+        for d in (older, elsewhere, running):
+            d.mkdir()
+        reshard(str(src), str(out), 1, 1, 1, progress=False)
+        assert not left.exists() and not older.exists()
+        assert elsewhere.is_dir() and running.is_dir()
+        assert (out / "latest").read_text() == "step0000003"
+    finally:
+        live.kill()
+        live.wait()
+
+
 def _all_tensors(obj, prefix=""):
     if torch.is_tensor(obj):
         yield prefix, obj
