@@ -4,7 +4,7 @@ Examples:
 
     # published HF weights -> a native checkpoint for TP2 x PP2 (weights only), then train from it
     mllama-convert hf-to-native meta-llama/Llama-2-7b-hf ckpt/llama2-7b-tp2pp2 --tp 2 --pp 2
-    mllama-train configs/llama2-7b.yaml train.init_from=ckpt/llama2-7b-tp2pp2   # or train.init_from=hf:DIR
+    mllama-train configs/llama-7b.yaml model.preset=llama2-7b train.init_from=ckpt/llama2-7b-tp2pp2  # or =hf:DIR
 
     # a training run (its latest checkpoint, any TP x PP x DP, ZeRO 0-2) -> HF, with its tokenizer
     mllama-convert native-to-hf runs/tiny-cpu-3d hf/tiny --dtype bf16
@@ -13,7 +13,7 @@ Examples:
     mllama-convert meta-to-native llama-2-7b/ ckpt/llama2-7b-tp1 --tp 1 --pp 1 --tokenizer llama-2-7b/tokenizer.model
 
     # continue a run at another layout, with its optimizer state (then train.save_dir=OUT)
-    mllama-convert reshard runs/7b runs/7b-tp4 --tp 4 --pp 1 --dp 2
+    mllama-convert reshard runs/llama-7b runs/llama-7b-tp4 --tp 4 --pp 1 --dp 2
 
     mllama-convert inspect runs/tiny-cpu-3d          # format, layout, step, tensors; loads nothing
     mllama-convert verify runs/tiny-cpu-3d hf/tiny   # same fixed tokens through both: max |diff|, KL

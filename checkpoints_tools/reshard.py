@@ -6,9 +6,9 @@ OUT becomes a run directory holding one checkpoint of the same step for the new 
 (fp32 master weights, Adam moments and step count, LR scheduler, consumed samples); resume it
 by pointing the new run at it::
 
-    mllama-convert reshard runs/7b runs/7b-tp4 --tp 4 --pp 1 --dp 2
-    mllama-train configs/7b.yaml parallel.tp=4 parallel.pp=1 parallel.dp=2 \\
-        train.grad_accum_steps=<printed by reshard> train.save_dir=runs/7b-tp4
+    mllama-convert reshard runs/llama-7b runs/llama-7b-tp4 --tp 4 --pp 1 --dp 2
+    mllama-train configs/llama-7b.yaml parallel.tp=4 parallel.pp=1 parallel.dp=2 \\
+        train.grad_accum_steps=<printed by reshard> train.save_dir=runs/llama-7b-tp4
 
 The global batch (micro batch x grad accumulation x DP) is kept: reshard prints the
 ``train.grad_accum_steps`` that does so at the new DP, and then the run reads exactly the
@@ -35,7 +35,7 @@ from megatron_llama.config import ConfigError, ParallelConfig
 
 EXAMPLES = """examples:
   mllama-convert reshard runs/tiny runs/tiny-tp1 --tp 1 --pp 1 --dp 1
-  mllama-convert reshard runs/7b/step0001000 runs/7b-dp4 --tp 2 --pp 1 --dp 4 --zero-stage 2
+  mllama-convert reshard runs/llama-7b/step0001000 runs/llama-7b-dp4 --tp 2 --pp 1 --dp 4 --zero-stage 2
 then resume with the new layout:  mllama-train RUN.yaml parallel.tp=.. parallel.pp=.. parallel.dp=..
                                   train.grad_accum_steps=.. train.save_dir=OUT"""
 
