@@ -243,6 +243,9 @@ def test_bad_input(tmp_path, capsys):
     (gpt / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "n_embd": 64}))
     _fails(capsys, ["hf-to-native", str(gpt), str(out)], "not a LLaMA-family checkpoint", out)
     _fails(capsys, ["native-to-hf", str(tmp_path / "nothing"), str(out)], "does not exist", out)
+    _fails(capsys, ["hf-to-native", str(tmp_path / "nothing"), str(out)], f"{tmp_path / 'nothing'} does not exist", out)
+    _fails(capsys, ["hf-to-native", str(gpt / "config.json"), str(out)], "is a file, not a directory", out)
+    _fails(capsys, ["hf-to-native", str(tmp_path), str(out)], "has no config.json", out)
     # TP not dividing the KV heads (tiny-gqa: 8 heads, 4 KV heads)
     _fails(capsys, ["hf-to-native", str(hf), str(out), "--tp", "8"], "--tp=8 does not divide model.num_kv_heads=4", out)
     # shapes that disagree with the config
@@ -305,6 +308,8 @@ def test_init_from_is_ignored_when_the_run_resumes_and_checks_the_shape(tmp_path
     (tmp_path / "run" / "step0000005" / "run.json").write_text("{}")
     load, line = _init_from(cfg, layout, save=True)
     assert load is None and "ignored: resuming" in line
+    with pytest.raises(ConfigError, match="nowhere does not exist"):
+        load_initial_weights(torch.nn.Linear(1, 1), cfg.model, f"hf:{tmp_path / 'nowhere'}", 0, 1, pipelined=False)
     other = load_config(None, ["model.preset=tiny", "model.vocab_size=501"])  # 4 KV heads, not tiny-gqa's
     with pytest.raises(ConfigError, match="different model shape: num_attention_heads=8 \\(run: 4\\)"):
         load_initial_weights(torch.nn.Linear(1, 1), other.model, f"hf:{hf}", 0, 1, pipelined=False)

@@ -28,6 +28,10 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch
 def hf_model_config(hf_dir: str | os.PathLike, name: str = "hf") -> ModelConfig:
     """``ModelConfig`` of an HF LLaMA-family ``config.json``; unsupported variants are a ConfigError."""
     path = Path(hf_dir) / "config.json"
+    if not Path(hf_dir).exists():
+        raise ConfigError(f"{hf_dir} does not exist: pass a Hugging Face model directory (save_pretrained output)")
+    if not Path(hf_dir).is_dir():
+        raise ConfigError(f"{hf_dir} is a file, not a directory: pass the Hugging Face model directory that holds it")
     if not path.is_file():
         raise ConfigError(f"{hf_dir} has no config.json: pass a Hugging Face model directory "
                           "(save_pretrained output)")
