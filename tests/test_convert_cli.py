@@ -84,6 +84,34 @@ def test_export_dtype_is_the_stored_one_unless_asked(tmp_path):
     assert _run(["hf-to-native", str(hf), str(tmp_path / "f64"), "--dtype", "fp32", "--verify", "no"]) == 0
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_every_written_file_honours_the_umask(tmp_path, umask):
+    """safetensors' save_file alone would leave model*.safetensors at 0600."""
+    hf, tok = _hf_dir(tmp_path, "gqa"), _tokenizer(tmp_path)
+    old = os.umask(umask)
+    try:
+        assert _run(["hf-to-native", str(hf), str(tmp_path / "n"), "--tp", "2", "--pp", "2", "--verify", "no"]) == 0
+        for shard in ("10MB", "50KB"):  # one model.safetensors, and sharded with an index
+            out = tmp_path / f"hf-{shard}"
+            assert _run(["native-to-hf", str(tmp_path / "n"), str(out), "--max-shard-size", shard,
+                         "--verify", "no", "--tokenizer", tok]) == 0
+    finally:
+        os.umask(old)
+    files = [p for d in ("n", "hf-10MB", "hf-50KB") for p in (tmp_path / d).iterdir()]
+    assert (tmp_path / "hf-10MB" / "model.safetensors").is_file() and (tmp_path / "hf-50KB" / "tokenizer.model").is_file()
+    assert len([p for p in files if p.suffix == ".safetensors"]) > 2
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+    for d in ("n", "hf-10MB", "hf-50KB"):
+        assert (tmp_path / d).stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def _tokenizer(tmp_path: Path) -> str:
+    from megatron_llama.data.tokenizer import train_tokenizer
+    return train_tokenizer([str(Path(__file__).parent.parent / "data" / "corpus.jsonl")], str(tmp_path / "tok"), 400,
+                           max_sentences=2000)
+
+
 def test_pytorch_bin_input(tmp_path):
     cfg = case_config("mha")
     d = tmp_path / "bin"
