@@ -10,6 +10,8 @@ import contextlib
 import importlib
 import io
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -79,3 +81,20 @@ def test_paths_in_docs_and_help_exist():
     found.update({str(p.relative_to(ROOT)): missing(named_paths(p.read_text(), CONFIG)) for p in sources})
     dangling = {where: paths for where, paths in found.items() if paths}
     assert not dangling, f"paths named but not in the repository: {dangling}"
+
+
+WRITES = re.compile(r"mllama-convert (?:hf-to-native|native-to-hf|meta-to-native|reshard) \S+ ([\w./-]+)"
+                    r"|save_dir[=:] *([\w./-]+)|--output[ =]([\w./-]+)")
+
+
+def test_outputs_the_docs_write_are_git_ignored():
+    """What the README's commands write (hf/tiny, ckpt/..., runs/...) stays out of `git status`."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    texts = [p.read_text() for p in sorted(ROOT.glob("*.md")) + sorted(ROOT.glob("*/*.md")) + sorted(ROOT.glob("configs/*.yaml"))]
+    outputs = {next(g for g in m if g) for t in texts for m in WRITES.findall(t)}
+    outputs = {o for o in outputs if not o.startswith(("/", "bench/", "OUT", "NEW"))}
+    assert {"hf/tiny", "ckpt/llama2-7b-tp2pp2", "runs/llama-7b-tp4"} <= outputs, outputs
+    res = subprocess.run(["git", "check-ignore", "--no-index", *sorted(outputs)], cwd=ROOT, capture_output=True, text=True)
+    ignored = set(res.stdout.split())
+    assert ignored == outputs, f"written by documented commands but not in .gitignore: {sorted(outputs - ignored)}"
