@@ -42,13 +42,28 @@ def _describe_native(p: Path, tensors: bool) -> str:
              f"tied={m.tie_embeddings}, qkv_bias={m.qkv_bias}",
              f"  vocab     {m.vocab_size} (padded to {m.padded_vocab_size(ck.tp)} for TP{ck.tp})",
              f"  dtype     {', '.join(dtypes) or '?'}",
-             f"  tokenizer {ck.config.data.tokenizer or ck.config.data.corpus or 'none recorded'}",
+             f"  tokenizer {_tokenizer_line(ck.config)}",
              f"  universal checkpoint metadata: {'yes' if universal else 'no'}"]
     if tensors:
         lines.append(f"  {'parameter':44s} {'full shape':>16s}  split       pipeline name")
         for row in ck.table:
             lines.append(f"  {row.name:44s} {str(list(row.shape)):>16s}  {row.split:10s}  {row.pipe_name}")
     return "\n".join(lines)
+
+
+def _tokenizer_line(config) -> str:
+    """The tokenizer.model the run used (what native-to-hf exports), never its corpus."""
+    from .commands import run_tokenizer
+    data = config.data
+    found = run_tokenizer(config)
+    if found and not data.tokenizer:
+        return f"{found} (trained from {data.corpus})"
+    if found:
+        return found
+    if data.corpus:
+        return (f"none found: the run trained one from {data.corpus} into {data.cache_dir}, which no longer "
+                "holds it (native-to-hf --tokenizer FILE exports another)")
+    return "none recorded (synthetic data?)"
 
 
 def _describe_hf(p: Path, tensors: bool) -> str:

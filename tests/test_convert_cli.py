@@ -152,6 +152,30 @@ def test_inspect_reads_metadata(tmp_path, capsys):
     assert "LlamaForCausalLM" in capsys.readouterr().out
 
 
+def test_inspect_names_the_trained_tokenizer_not_the_corpus(tmp_path, capsys):
+    """A run that trained its tokenizer from data.corpus: inspect shows that tokenizer.model (the
+    file native-to-hf exports), or says it is gone; the corpus is not a tokenizer."""
+    from megatron_llama.config import DataConfig
+    from megatron_llama.data.build import _prepare_corpus
+    hf = _hf_dir(tmp_path)
+    assert _run(["hf-to-native", str(hf), str(tmp_path / "n"), "--verify", "no"]) == 0
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join((Path(__file__).parent.parent / "data" / "corpus.jsonl").read_text().splitlines(True)[:300]))
+    data = DataConfig(corpus=str(corpus), cache_dir=str(tmp_path / "cache"), vocab_size=400)
+    trained, _ = _prepare_corpus(data, 501)  # what a run does at start-up
+    meta = json.loads((tmp_path / "n" / "run.json").read_text())
+    meta["config"]["data"].update(tokenizer=None, corpus=str(corpus), cache_dir=str(tmp_path / "cache"), vocab_size=400)
+    (tmp_path / "n" / "run.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "n")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("tokenizer"))
+    assert line.split()[1] == trained and f"(trained from {corpus})" in line, line
+    shutil.rmtree(tmp_path / "cache")
+    assert main(["inspect", str(tmp_path / "n")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("tokenizer"))
+    assert line.split()[1] == "none" and "no longer holds it" in line, line
+
+
 # --- Meta ------------------------------------------------------------------------------------------
 META = dict(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=300, multiple_of=32, norm_eps=1e-5,
             rope_theta=10000.0)  # 3 query heads per KV head: neither 1 nor n_kv_heads
