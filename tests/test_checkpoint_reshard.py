@@ -173,6 +173,62 @@ def test_a_killed_reshards_leftover_is_removed_a_live_ones_kept(dist_pool, tmp_p
         live.wait()
 
 
+def _init_from_logits(rank, world, overrides, tokens):
+    """A new run at another layout started from ``train.init_from`` (as mllama-train builds it):
+    its full logits on the last stage (None elsewhere), its log line and DeepSpeed's step count."""
+    from megatron.core import parallel_state
+
+    from launch.lr_schedule import schedule_for
+    from launch.train import _init_from
+    from megatron_llama.config import load_config
+    from pipelines.engine import TrainEngine
+    from pipelines.topology import build_topology, init_distributed
+    from test_convert_parity import _logits
+    cfg = load_config(None, overrides)
+    device, _ = init_distributed()
+    lay, topo = build_topology(cfg.parallel, cfg.train.seed, device)
+    load, line = _init_from(cfg, lay, save=False)
+    engine = TrainEngine(cfg, lay, topo, device, schedule_for(cfg.train), init_weights=load)
+    fresh = all(not s for s in engine.optimizer.optimizer.state.values())  # no Adam state yet
+    out = _logits(engine, lay, tokens), line, engine.engine.global_steps, fresh
+    parallel_state.destroy_model_parallel()
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_init_from_and_inspect_read_a_resharded_store(dist_pool, tmp_path, tmp_path_factory, capsys):
+    """train.init_from=STORE at TP4·PP2 (not the store's layout, nor the source's TP2·PP2·DP2):
+    the store's fp32 masters are the weights (logits equal the source checkpoint's, fp32), the
+    optimizer is fresh, step 0. inspect describes the store from its headers."""
+    from checkpoints_tools.convert import main
+    from checkpoints_tools.reshard import reshard
+    from checkpoints_tools.verify import native_logits
+    from test_convert_parity import SEQ
+    ref = saved_run(dist_pool, tmp_path_factory)
+    src, store = ref["root"] / "step0000003", tmp_path / "store"
+    reshard(str(src), str(store), 1, 1, 1, progress=False)
+    capsys.readouterr()
+    assert main(["inspect", str(store), "--tensors"]) == 0
+    out = capsys.readouterr().out
+    assert "resharded store" in out and "written for TP1·PP1·DP1" in out and "from TP2·PP2·DP2" in out, out
+    assert "step      3, 12 samples" in out and "optimizer step 3" in out and "vocab     254 (stored unpadded)" in out
+    assert "embedding.word_embeddings.weight" in out and "[254, 64]" in out and "F32" in out
+    tokens = torch.randint(0, 254, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    want = native_logits(str(src), tokens)
+    results = dist_pool(8).run(_init_from_logits, COMMON + ["parallel.tp=4", "parallel.pp=2", "parallel.dp=1",
+                                                            "train.micro_batch_size=1", "train.grad_accum_steps=4",
+                                                            f"train.init_from={store}"], tokens)
+    last = [r[0] for r in results if r[0] is not None]
+    assert len(last) == 4  # the 4 TP ranks of the last stage
+    for logits in last:
+        assert torch.isinf(logits[..., 254:]).all()  # TP4 pads the vocabulary to 256
+        assert rel_err(logits[..., :254], want) < TOL, rel_err(logits[..., :254], want)
+    line, steps, fresh = results[0][1:]
+    assert line == f"initialised from resharded store {store} (its fp32 masters): weights only, fresh optimizer, step 0"
+    assert all(r[2] == 0 and r[3] for r in results)
+
+
 def _all_tensors(obj, prefix=""):
     if torch.is_tensor(obj):
         yield prefix, obj
