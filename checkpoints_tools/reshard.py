@@ -62,8 +62,6 @@ def new_run_meta(ckpt, tp: int, pp: int, dp: int, zero_stage: int) -> tuple[dict
                          partition_method=cfg.parallel.partition_method,
                          activation_checkpointing=cfg.parallel.activation_checkpointing)
     par.check_model(cfg.model)
-    if pp > 1 and cfg.model.tie_embeddings:
-        raise ConfigError("the model ties its embeddings, which needs --pp 1")
     t = cfg.train
     global_batch = t.micro_batch_size * t.grad_accum_steps * ckpt.dp
     if global_batch % (t.micro_batch_size * dp):

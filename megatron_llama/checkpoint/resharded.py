@@ -34,7 +34,7 @@ from megatron_llama.model.layout import shard
 from . import integrity
 from .directory import META, latest
 from .optimizer_state import MASTER, STATE_KEYS, iter_param_states, open_native
-from .params import param_index
+from .params import param_index, pipeline_names
 
 FORMAT = "resharded"
 TRAINER_STATE = "trainer_state.json"
@@ -68,9 +68,10 @@ def _adam_state(optimizer, step: int) -> None:
 
 
 def _global_names(module, pipelined: bool, cfg_model, tp: int) -> dict[str, str]:
-    """Local parameter name -> global name (PipelineModule names are ``{layer}.{local}``)."""
+    """Local parameter name -> global name (PipelineModule names are ``{layer}.{local}``; a tied
+    head's copy of the embedding maps to the embedding, whose master and moments it gets)."""
     index = param_index(cfg_model, tp)
-    by_pipe = {p.pipe_name: p.name for p in index.values()}
+    by_pipe = {name: p.name for name, p in pipeline_names(cfg_model, tp).items()}
     out = {}
     for local, _ in module.named_parameters():
         name = by_pipe.get(local) if pipelined else (local if local in index else None)
