@@ -214,6 +214,8 @@ def test_init_from_and_inspect_read_a_resharded_store(dist_pool, tmp_path, tmp_p
     assert "resharded store" in out and "written for TP1·PP1·DP1" in out and "from TP2·PP2·DP2" in out, out
     assert "step      3, 12 samples" in out and "optimizer step 3" in out and "vocab     254 (stored unpadded)" in out
     assert "embedding.word_embeddings.weight" in out and "[254, 64]" in out and "F32" in out
+    assert main(["native-to-hf", str(store), str(tmp_path / "hf"), "--no-progress"]) == 2
+    assert "is a resharded store" in capsys.readouterr().err and not (tmp_path / "hf").exists()
     tokens = torch.randint(0, 254, (2, SEQ), generator=torch.Generator().manual_seed(5))
     want = native_logits(str(src), tokens)
     results = dist_pool(8).run(_init_from_logits, COMMON + ["parallel.tp=4", "parallel.pp=2", "parallel.dp=1",

@@ -206,6 +206,10 @@ def open_native(path: str | os.PathLike) -> NativeCheckpoint:
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{ckpt}/{META} is damaged or not ours ({e!s:.80}): use the run.json written with the "
                           "checkpoint") from None
+    if meta.get("format") == "resharded":  # resharded.FORMAT (that module builds on this one)
+        raise ConfigError(f"{ckpt} is a resharded store (fp32 masters and Adam moments, no module files): resume a "
+                          "run from it (train.save_dir) or start one from its weights (train.init_from), then "
+                          "convert or verify that run's checkpoint")
     if config.parallel.zero_stage == 3 and pp == 1 and not meta.get("weights_only"):
         raise ConfigError(f"{ckpt} was saved with ZeRO-3: its module files hold no weights and reading ZeRO-3 "
                           "partitions is not supported yet; train with parallel.zero_stage 1 or 2 to convert the run")
