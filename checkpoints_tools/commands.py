@@ -20,6 +20,22 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VERIFY_AUTO_MAX_PARAMS = 5 * 10 ** 8  # a TP1 fp32 forward of both sides fits a workstation
 
 
+def dtype_name(dtype) -> str:
+    return next((k for k, v in DTYPES.items() if v == dtype), str(dtype).replace("torch.", ""))
+
+
+def choose_dtype(arg: str, stored: set, what: str) -> torch.dtype:
+    """``--dtype``: as asked, or (``auto``) the dtype ``what`` is stored in, so that nothing is
+    rounded unasked; mixed dtypes give fp32, which holds bf16 and fp16 values exactly."""
+    if arg != "auto":
+        return DTYPES[arg]
+    other = sorted(dtype_name(d) for d in stored if d not in DTYPES.values())
+    if other or not stored:
+        raise ConfigError(f"{what} is stored as {', '.join(other) or 'nothing'}, which is not fp32, bf16 or fp16: "
+                          "pass --dtype fp32 (or bf16, fp16)")
+    return next(iter(stored)) if len(stored) == 1 else torch.float32
+
+
 def run(args) -> int:
     return {"hf-to-native": hf_to_native, "native-to-hf": native_to_hf, "meta-to-native": meta_to_native,
             "inspect": inspect, "verify": verify}[args.command](args)
@@ -88,8 +104,7 @@ def hf_to_native(args) -> int:
     tok = args.tokenizer or (str(Path(args.hf_dir) / "tokenizer.model")
                              if (Path(args.hf_dir) / "tokenizer.model").is_file() else None)
     run_cfg = RunConfig(model=cfg, parallel=par, data=DataConfig(tokenizer=_check_tokenizer(tok, cfg)))
-    first = weights.get(next(iter(sorted(weights.names))))
-    dtype = DTYPES[args.dtype] if args.dtype else first.dtype
+    dtype = choose_dtype(args.dtype, weights.dtypes(), args.hf_dir)
     _write_converted(args, run_cfg, hf_layers(weights, cfg, args.tp, dtype), dtype, f"hf:{Path(args.hf_dir).resolve()}")
     if _should_verify(args, cfg):
         return _verify_paths(args.hf_dir, args.out, tolerance=_tolerance(dtype))
@@ -103,7 +118,7 @@ def meta_to_native(args) -> int:
     cfg = meta.config
     par = _check_layout(cfg, args.tp, args.pp)
     run_cfg = RunConfig(model=cfg, parallel=par, data=DataConfig(tokenizer=_check_tokenizer(args.tokenizer, cfg)))
-    dtype = DTYPES[args.dtype] if args.dtype else meta.dtype
+    dtype = choose_dtype(args.dtype, meta.dtypes, args.meta_dir)
     _write_converted(args, run_cfg, meta.layers(args.tp, dtype), dtype, f"meta:{Path(args.meta_dir).resolve()}")
     return 0
 
@@ -128,7 +143,9 @@ def native_to_hf(args) -> int:
     check_output(Path(args.out), args.force)
     ck = open_native(args.checkpoint)
     cfg = ck.model
-    dtype = DTYPES[args.dtype]
+    # auto: the dtype the module weights are stored in (what the run trained in); fp32 masters of
+    # a bf16 run are then rounded once, an fp32 run or conversion stays fp32
+    dtype = choose_dtype(args.dtype, ck.stored_dtypes(), f"{ck.path}'s module weights")
     try:
         from megatron_llama.checkpoint import optimizer_state  # comes with `mllama-convert reshard`
     except ImportError:
@@ -157,7 +174,7 @@ def native_to_hf(args) -> int:
         stats = bar.close()
         described = write_tokenizer(tmp, tok, cfg.max_seq_len, chat_entries(ck.config))
     _say(f"wrote {args.out} from {ck.path} (step {ck.step}, TP{ck.tp}·PP{ck.pp}·DP{ck.dp}, {args.weights} "
-         f"weights as {args.dtype}): {stats['tensors']} tensors, {stats['bytes'] / 1e9:.2f} GB in "
+         f"weights as {dtype_name(dtype)}{' (as stored)' if args.dtype == 'auto' else ''}): {stats['tensors']} tensors, {stats['bytes'] / 1e9:.2f} GB in "
          f"{stats['seconds']:.1f} s ({stats['gb_per_s']:.2f} GB/s)")
     _say(f"  tokenizer: {described}" if described else
          "  tokenizer: none recorded for this run (synthetic data?): pass --tokenizer tokenizer.model to include one")

@@ -4,7 +4,7 @@ Examples:
 
     # published HF weights -> a native checkpoint for TP2 x PP2 (weights only), then train from it
     mllama-convert hf-to-native meta-llama/Llama-2-7b-hf ckpt/llama2-7b-tp2pp2 --tp 2 --pp 2
-    mllama-train configs/llama2-7b.yaml train.init_from=ckpt/llama2-7b-tp2pp2   # or train.init_from=hf:DIR
+    mllama-train configs/llama-7b.yaml model.preset=llama2-7b train.init_from=ckpt/llama2-7b-tp2pp2  # or =hf:DIR
 
     # a training run (its latest checkpoint, any TP x PP x DP, ZeRO 0-2) -> HF, with its tokenizer
     mllama-convert native-to-hf runs/tiny-cpu-3d hf/tiny --dtype bf16
@@ -13,7 +13,7 @@ Examples:
     mllama-convert meta-to-native llama-2-7b/ ckpt/llama2-7b-tp1 --tp 1 --pp 1 --tokenizer llama-2-7b/tokenizer.model
 
     # continue a run at another layout, with its optimizer state (then train.save_dir=OUT)
-    mllama-convert reshard runs/7b runs/7b-tp4 --tp 4 --pp 1 --dp 2
+    mllama-convert reshard runs/llama-7b runs/llama-7b-tp4 --tp 4 --pp 1 --dp 2
 
     mllama-convert inspect runs/tiny-cpu-3d          # format, layout, step, tensors; loads nothing
     mllama-convert verify runs/tiny-cpu-3d hf/tiny   # same fixed tokens through both: max |diff|, KL
@@ -30,7 +30,9 @@ import sys
 
 from megatron_llama.config import ConfigError
 
-_DTYPES = ("bf16", "fp16", "fp32")
+_DTYPES = ("auto", "fp32", "bf16", "fp16")
+_DTYPE_HELP = ("dtype of the written weights (default auto: the dtype they are stored in, so nothing is rounded "
+               "unless asked; fp32 when the input mixes dtypes)")
 
 
 def _common(p: argparse.ArgumentParser, verify: bool = True) -> None:
@@ -45,7 +47,7 @@ def _common(p: argparse.ArgumentParser, verify: bool = True) -> None:
 def _layout(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the output (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the output (default 1)")
-    p.add_argument("--dtype", choices=_DTYPES, default=None, help="dtype of the written weights (default: as read)")
+    p.add_argument("--dtype", choices=_DTYPES, default="auto", help=_DTYPE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: mllama-convert native-to-hf runs/tiny-cpu-3d hf/tiny --dtype bf16")
     p.add_argument("checkpoint")
     p.add_argument("out")
-    p.add_argument("--dtype", choices=_DTYPES, default="bf16", help="dtype of the exported weights (default bf16)")
+    p.add_argument("--dtype", choices=_DTYPES, default="auto",
+                   help="dtype of the exported weights (default auto: the dtype the checkpoint's module weights are "
+                        "stored in: fp32 for an fp32 run or conversion, bf16 for a bf16 run, whose fp32 masters are "
+                        "then rounded once)")
     p.add_argument("--weights", choices=("masters", "module"), default=None,
                    help="masters (the default for ZeRO-1/2 checkpoints with optimizer state): the fp32 master "
                         "weights from the ZeRO optimizer files, rounded to --dtype once. module (the default "

@@ -11,6 +11,7 @@ layer plus one output shard in memory at a time.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Iterable, Optional
@@ -55,10 +56,29 @@ def plan_shards(cfg: ModelConfig, dtype: torch.dtype, max_shard_bytes: int) -> d
     return {k: f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i, g in enumerate(groups) for k in g}
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask can only set it)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' ``save_file`` creates its file 0600 whatever the umask; give it the mode every
+    other file of the export gets (0644 under the usual umask 022)."""
+    from safetensors.torch import save_file
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def write_hf(out: Path, cfg: ModelConfig, layers: Iterable[tuple[str, dict[str, torch.Tensor]]], dtype: torch.dtype,
              max_shard_bytes: int = 10 ** 9, on_layer=None) -> dict:
     """Write the weights (streamed) and ``config.json``; returns the index written."""
-    from safetensors.torch import save_file
     out.mkdir(parents=True, exist_ok=True)
     plan = plan_shards(cfg, dtype, max_shard_bytes)
     pending: dict[str, dict[str, torch.Tensor]] = {}
@@ -75,7 +95,7 @@ def write_hf(out: Path, cfg: ModelConfig, layers: Iterable[tuple[str, dict[str, 
             pending.setdefault(f, {})[k] = t
             remaining[f] -= 1
             if remaining[f] == 0:
-                save_file(pending.pop(f), str(out / f), metadata={"format": "pt"})
+                _save_safetensors(pending.pop(f), out / f)
         if on_layer is not None:
             on_layer(name, hf)
     assert not pending, sorted(pending)

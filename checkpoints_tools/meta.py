@@ -74,7 +74,7 @@ class MetaCheckpoint:
                                       rope_theta=float(params.get("rope_theta", 10000.0)))
         except KeyError as e:
             raise ConfigError(f"{meta_dir}/params.json lacks {e}: not a LLaMA params.json") from None
-        self.dtype = emb.dtype
+        self.dtypes = {t.dtype for s in self.shards for k, t in s.items() if k != "rope.freqs" and torch.is_tensor(t)}
         want = {"tok_embeddings.weight", "norm.weight", "output.weight"} | {
             f"layers.{i}.{k}.weight" for i in range(self.config.num_layers) for k in _TO_HF}
         for r, s in enumerate(self.shards):

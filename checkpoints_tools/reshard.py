@@ -6,9 +6,9 @@ OUT becomes a run directory holding one checkpoint of the same step for the new 
 (fp32 master weights, Adam moments and step count, LR scheduler, consumed samples); resume it
 by pointing the new run at it::
 
-    mllama-convert reshard runs/7b runs/7b-tp4 --tp 4 --pp 1 --dp 2
-    mllama-train configs/7b.yaml parallel.tp=4 parallel.pp=1 parallel.dp=2 \\
-        train.grad_accum_steps=<printed by reshard> train.save_dir=runs/7b-tp4
+    mllama-convert reshard runs/llama-7b runs/llama-7b-tp4 --tp 4 --pp 1 --dp 2
+    mllama-train configs/llama-7b.yaml parallel.tp=4 parallel.pp=1 parallel.dp=2 \\
+        train.grad_accum_steps=<printed by reshard> train.save_dir=runs/llama-7b-tp4
 
 The global batch (micro batch x grad accumulation x DP) is kept: reshard prints the
 ``train.grad_accum_steps`` that does so at the new DP, and then the run reads exactly the
@@ -17,7 +17,9 @@ consumed samples, the DP rank and the DP size).
 
 Streaming: one parameter (weights + two moments, fp32) in memory at a time;
 the input shards are memory-mapped. Output is written under a temporary name and renamed at
-the end, so an interrupted or failed reshard leaves nothing behind.
+the end, so an interrupted or failed reshard leaves nothing behind; a SIGKILLed one leaves
+``.OUT.reshard-PID@HOST.tmp``, which the next reshard into the same directory removes once that
+process is gone (never one of a live process).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from megatron_llama.config import ConfigError, ParallelConfig
 
 EXAMPLES = """examples:
   mllama-convert reshard runs/tiny runs/tiny-tp1 --tp 1 --pp 1 --dp 1
-  mllama-convert reshard runs/7b/step0001000 runs/7b-dp4 --tp 2 --pp 1 --dp 4 --zero-stage 2
+  mllama-convert reshard runs/llama-7b/step0001000 runs/llama-7b-dp4 --tp 2 --pp 1 --dp 4 --zero-stage 2
 then resume with the new layout:  mllama-train RUN.yaml parallel.tp=.. parallel.pp=.. parallel.dp=..
                                   train.grad_accum_steps=.. train.save_dir=OUT"""
 
@@ -60,8 +62,6 @@ def new_run_meta(ckpt, tp: int, pp: int, dp: int, zero_stage: int) -> tuple[dict
                          partition_method=cfg.parallel.partition_method,
                          activation_checkpointing=cfg.parallel.activation_checkpointing)
     par.check_model(cfg.model)
-    if pp > 1 and cfg.model.tie_embeddings:
-        raise ConfigError("the model ties its embeddings, which needs --pp 1")
     t = cfg.train
     global_batch = t.micro_batch_size * t.grad_accum_steps * ckpt.dp
     if global_batch % (t.micro_batch_size * dp):
@@ -89,6 +89,8 @@ def reshard(ckpt_path: str, out: str, tp: int, pp: int, dp=None, zero_stage=None
     from megatron_llama.checkpoint.params import param_table
     from megatron_llama.checkpoint.resharded import write_store
 
+    from .output_dir import owned_name, remove_dead
+
     ckpt = open_native(ckpt_path)
     dp = ckpt.dp if dp is None else dp
     zero_stage = ckpt.cfg.parallel.zero_stage if zero_stage is None else zero_stage
@@ -102,7 +104,9 @@ def reshard(ckpt_path: str, out: str, tp: int, pp: int, dp=None, zero_stage=None
         raise ConfigError(f"{dest} exists: choose a new OUT directory or pass --force to replace it")
     if dest.resolve() == Path(ckpt_path).resolve() or dest.resolve() in ckpt.path.resolve().parents:
         raise ConfigError(f"OUT {dest} is the checkpoint being read: choose another directory")
-    tmp = dest.with_name(f".{dest.name}.reshard-{os.getpid()}.tmp")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead(dest.parent, "reshard", ".tmp")
+    tmp = Path(f"{owned_name(dest, 'reshard')}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tag = tag_for(ckpt.step)
     total = sum(3 * 4 * _numel(r.shape) for r in param_table(ckpt.cfg.model, ckpt.tp))

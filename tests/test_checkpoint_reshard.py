@@ -126,6 +126,152 @@ def test_a_restarted_optimizer_is_caught(dist_pool, tmp_path, tmp_path_factory):
     assert worst > 10 * TOL, f"a reset optimizer went unnoticed (worst relative difference {worst:.2e})"
 
 
+_KILLED_MID_WRITE = """
+import os, signal, sys
+from megatron_llama.checkpoint import resharded
+from checkpoints_tools.reshard import reshard
+original = resharded.write_store
+def write_then_die(ckpt, step_dir, meta, on_param=None):
+    def on(name, nbytes):  # the first parameter is on disk: killed mid-write, as by the OOM killer
+        os.kill(os.getpid(), signal.SIGKILL)
+    original(ckpt, step_dir, meta, on_param=on)
+resharded.write_store = write_then_die
+reshard(sys.argv[1], sys.argv[2], 1, 1, 1, progress=False)
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_killed_reshards_leftover_is_removed_a_live_ones_kept(dist_pool, tmp_path, tmp_path_factory):
+    import signal
+    import subprocess
+    import sys
+
+    from checkpoints_tools.output_dir import _host
+    from checkpoints_tools.reshard import reshard
+    ref = saved_run(dist_pool, tmp_path_factory)
+    src, out = ref["root"] / "step0000003", tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), DS_ACCELERATOR="cpu")
+    killed = subprocess.Popen([sys.executable, "-c", _KILLED_MID_WRITE, str(src), str(out)], env=env)
+    assert killed.wait(timeout=300) == -signal.SIGKILL
+    (left,) = tmp_path.glob(".out.reshard-*.tmp")
+    assert left.name == f".out.reshard-{killed.pid}@{_host()}.tmp" and list(left.rglob("layer_000.safetensors"))
+    assert not out.exists()
+    older = tmp_path / f".out.reshard-{killed.pid}.tmp"  # the name an older version used, same dead PID
+    elsewhere = tmp_path / f".out.reshard-{killed.pid}@another-node.tmp"  # shared file system: not ours to judge
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        running = tmp_path / f".other.reshard-{live.pid}@{_host()}.tmp"  # a reshard still writing
+        for d in (older, elsewhere, running):
+            d.mkdir()
+        reshard(str(src), str(out), 1, 1, 1, progress=False)
+        assert not left.exists() and not older.exists()
+        assert elsewhere.is_dir() and running.is_dir()
+        assert (out / "latest").read_text() == "step0000003"
+    finally:
+        live.kill()
+        live.wait()
+
+
+def _init_from_logits(rank, world, overrides, tokens):
+    """A new run at another layout started from ``train.init_from`` (as mllama-train builds it):
+    its full logits on the last stage (None elsewhere), its log line and DeepSpeed's step count."""
+    from megatron.core import parallel_state
+
+    from launch.lr_schedule import schedule_for
+    from launch.train import _init_from
+    from megatron_llama.config import load_config
+    from pipelines.engine import TrainEngine
+    from pipelines.topology import build_topology, init_distributed
+    from test_convert_parity import _logits
+    cfg = load_config(None, overrides)
+    device, _ = init_distributed()
+    lay, topo = build_topology(cfg.parallel, cfg.train.seed, device)
+    load, line = _init_from(cfg, lay, save=False)
+    engine = TrainEngine(cfg, lay, topo, device, schedule_for(cfg.train), init_weights=load)
+    fresh = all(not s for s in engine.optimizer.optimizer.state.values())  # no Adam state yet
+    out = _logits(engine, lay, tokens), line, engine.engine.global_steps, fresh
+    parallel_state.destroy_model_parallel()
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_init_from_and_inspect_read_a_resharded_store(dist_pool, tmp_path, tmp_path_factory, capsys):
+    """train.init_from=STORE at TP4·PP2 (not the store's layout, nor the source's TP2·PP2·DP2):
+    the store's fp32 masters are the weights (logits equal the source checkpoint's, fp32), the
+    optimizer is fresh, step 0. inspect describes the store from its headers."""
+    from checkpoints_tools.convert import main
+    from checkpoints_tools.reshard import reshard
+    from checkpoints_tools.verify import native_logits
+    from test_convert_parity import SEQ
+    ref = saved_run(dist_pool, tmp_path_factory)
+    src, store = ref["root"] / "step0000003", tmp_path / "store"
+    reshard(str(src), str(store), 1, 1, 1, progress=False)
+    capsys.readouterr()
+    assert main(["inspect", str(store), "--tensors"]) == 0
+    out = capsys.readouterr().out
+    assert "resharded store" in out and "written for TP1·PP1·DP1" in out and "from TP2·PP2·DP2" in out, out
+    assert "step      3, 12 samples" in out and "optimizer step 3" in out and "vocab     254 (stored unpadded)" in out
+    assert "embedding.word_embeddings.weight" in out and "[254, 64]" in out and "F32" in out
+    assert main(["native-to-hf", str(store), str(tmp_path / "hf"), "--no-progress"]) == 2
+    assert "is a resharded store" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+    tokens = torch.randint(0, 254, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    want = native_logits(str(src), tokens)
+    results = dist_pool(8).run(_init_from_logits, COMMON + ["parallel.tp=4", "parallel.pp=2", "parallel.dp=1",
+                                                            "train.micro_batch_size=1", "train.grad_accum_steps=4",
+                                                            f"train.init_from={store}"], tokens)
+    last = [r[0] for r in results if r[0] is not None]
+    assert len(last) == 4  # the 4 TP ranks of the last stage
+    for logits in last:
+        assert torch.isinf(logits[..., 254:]).all()  # TP4 pads the vocabulary to 256
+        assert rel_err(logits[..., :254], want) < TOL, rel_err(logits[..., :254], want)
+    line, steps, fresh = results[0][1:]
+    assert line == f"initialised from resharded store {store} (its fp32 masters): weights only, fresh optimizer, step 0"
+    assert all(r[2] == 0 and r[3] for r in results)
+
+
+TIED = COMMON + ["model.tie_embeddings=true", "train.steps=4"]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp,dp", [(1, 1, 2), (1, 2, 2)])
+def test_reshard_a_tied_pipeline_checkpoint(dist_pool, tmp_path, tmp_path_factory, tp, pp, dp):
+    """Tied embeddings at TP2·PP2 (the head holds a copy of the embedding) resharded to PP1, where
+    the head reads the one weight, and to another PP2, where the copy is written again: steps 3-4
+    equal the uninterrupted run's (fp32, rel 1e-5)."""
+    from checkpoints_tools.reshard import reshard
+    if "tied" not in _SAVED:
+        root = tmp_path_factory.mktemp("tied-tp2pp2")
+        losses, norms, _ = dist_pool(4).run(_train, TIED + layout(2, 2, 1) + [
+            "train.save_interval=2", f"train.save_dir={root}"])[0]
+        _SAVED["tied"] = (root, losses, norms)
+    root, losses, norms = _SAVED["tied"]
+    out = tmp_path / "out"
+    reshard(str(root / "step0000002"), str(out), tp, pp, dp, progress=False)
+    got, got_norms, resumed = dist_pool(tp * pp * dp).run(_train, TIED + layout(tp, pp, dp) + [
+        f"train.save_dir={out}"])[0]
+    assert resumed == 2
+    assert got == pytest.approx(losses[2:], rel=TOL) and got_norms == pytest.approx(norms[2:], rel=TOL)
+    if pp == 1:  # the head's copy is checked against the embedding, not silently dropped
+        import shutil
+
+        from megatron_llama.config import ConfigError
+        bad = tmp_path / "bad" / "step0000002"
+        shutil.copytree(root / "step0000002", bad)
+        f = bad / "zero_pp_rank_0_mp_rank_03_optim_states.pt"  # last stage (PP2), TP rank 1
+        sd = torch.load(f, weights_only=False)
+        osd = sd["optimizer_state_dict"]
+        group, frag = next((g, m["6.output.weight"]) for g, m in enumerate(osd["param_slice_mappings"])
+                           if "6.output.weight" in m)
+        osd["single_partition_of_fp32_groups"][group].data[frag.start] += 1.0
+        torch.save(sd, f)
+        with pytest.raises(ConfigError, match=r"copy 6.output.weight of the tied embedding.word_embeddings.weight "
+                                              r"differs from it \(fp32\)"):
+            reshard(str(bad), str(tmp_path / "bad-out"), 1, 1, 2, progress=False)
+
+
 def _all_tensors(obj, prefix=""):
     if torch.is_tensor(obj):
         yield prefix, obj
@@ -148,7 +294,8 @@ def test_round_trip_is_bitwise(dist_pool, tmp_path, tmp_path_factory):
     mid, back = tmp_path / "tp4", tmp_path / "back"
     reshard(str(src), str(mid), 4, 1, 2, progress=False)
     # the streaming reader that native-to-hf --weights masters uses: native and resharded agree
-    from megatron_llama.checkpoint.optimizer_state import iter_fp32_masters, master_layers
+    from megatron_llama.checkpoint.optimizer_state import master_layers
+    from megatron_llama.checkpoint.resharded import iter_fp32_masters
     native, store = list(iter_fp32_masters(src)), list(iter_fp32_masters(mid))
     assert [n for n, _ in native] == [n for n, _ in store] and len(native) == 27
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(native, store))

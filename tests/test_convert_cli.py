@@ -36,14 +36,17 @@ def _run(argv) -> int:
 
 
 def test_hf_round_trip_through_tp2_pp2_is_bitwise(tmp_path):
+    """fp32 in, fp32 out without asking (--dtype auto: the stored dtype), every tensor bitwise."""
     hf = _hf_dir(tmp_path, "qkv-bias")
     assert _run(["hf-to-native", str(hf), str(tmp_path / "n"), "--tp", "2", "--pp", "2", "--verify", "no"]) == 0
-    assert _run(["native-to-hf", str(tmp_path / "n"), str(tmp_path / "back"), "--dtype", "fp32",
+    assert json.loads((tmp_path / "n" / "run.json").read_text())["dtype"] == "float32"
+    assert _run(["native-to-hf", str(tmp_path / "n"), str(tmp_path / "back"),
                  "--max-shard-size", "50KB", "--verify", "yes"]) == 0
     a, b = _tensors(hf), _tensors(tmp_path / "back")
     assert set(a) == set(b)
     for k in a:
-        assert torch.equal(a[k], b[k]), k
+        assert a[k].dtype == b[k].dtype == torch.float32 and torch.equal(a[k], b[k]), k
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["torch_dtype"] == "float32"
     index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in b.values())
     from safetensors import safe_open
@@ -51,6 +54,62 @@ def test_hf_round_trip_through_tp2_pp2_is_bitwise(tmp_path):
     with safe_open(str(first), "pt") as f:
         assert f.metadata() == {"format": "pt"}
     assert json.loads((tmp_path / "back" / "generation_config.json").read_text())["eos_token_id"] == 2
+
+
+def test_export_dtype_is_the_stored_one_unless_asked(tmp_path):
+    """A bf16 checkpoint exports as bf16 by default (no silent upcast either); --dtype chooses;
+    an HF input mixing bf16 and fp32 converts to fp32 (exact for both); float64 is refused."""
+    from safetensors.torch import load_file, save_file
+    hf = _hf_dir(tmp_path, "gqa", shard="10MB")
+    src = _tensors(hf)
+    assert _run(["hf-to-native", str(hf), str(tmp_path / "bf"), "--tp", "2", "--pp", "2", "--dtype", "bf16",
+                 "--verify", "no"]) == 0
+    assert _run(["native-to-hf", str(tmp_path / "bf"), str(tmp_path / "out-bf"), "--verify", "no"]) == 0
+    out = _tensors(tmp_path / "out-bf")
+    assert all(out[k].dtype == torch.bfloat16 and torch.equal(out[k], src[k].to(torch.bfloat16)) for k in src)
+    assert _run(["native-to-hf", str(tmp_path / "bf"), str(tmp_path / "out-up"), "--dtype", "fp32",
+                 "--verify", "no"]) == 0
+    up = _tensors(tmp_path / "out-up")
+    assert all(up[k].dtype == torch.float32 and torch.equal(up[k], out[k].float()) for k in src)
+    # mixed input: the norms in fp32, the matrices in bf16
+    mixed = {k: (t if t.dim() == 1 else t.to(torch.bfloat16)) for k, t in src.items()}
+    (f,) = hf.glob("*.safetensors")
+    save_file(mixed, str(f), metadata={"format": "pt"})
+    assert _run(["hf-to-native", str(hf), str(tmp_path / "mix"), "--verify", "no"]) == 0
+    assert _run(["native-to-hf", str(tmp_path / "mix"), str(tmp_path / "out-mix"), "--verify", "no"]) == 0
+    back = _tensors(tmp_path / "out-mix")
+    assert all(back[k].dtype == torch.float32 and torch.equal(back[k], mixed[k].float()) for k in src)
+    save_file({k: t.double() for k, t in load_file(f).items()}, str(f), metadata={"format": "pt"})
+    assert _run(["hf-to-native", str(hf), str(tmp_path / "f64"), "--verify", "no"]) == 2
+    assert _run(["hf-to-native", str(hf), str(tmp_path / "f64"), "--dtype", "fp32", "--verify", "no"]) == 0
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_every_written_file_honours_the_umask(tmp_path, umask):
+    """safetensors' save_file alone would leave model*.safetensors at 0600."""
+    hf, tok = _hf_dir(tmp_path, "gqa"), _tokenizer(tmp_path)
+    old = os.umask(umask)
+    try:
+        assert _run(["hf-to-native", str(hf), str(tmp_path / "n"), "--tp", "2", "--pp", "2", "--verify", "no"]) == 0
+        for shard in ("10MB", "50KB"):  # one model.safetensors, and sharded with an index
+            out = tmp_path / f"hf-{shard}"
+            assert _run(["native-to-hf", str(tmp_path / "n"), str(out), "--max-shard-size", shard,
+                         "--verify", "no", "--tokenizer", tok]) == 0
+    finally:
+        os.umask(old)
+    files = [p for d in ("n", "hf-10MB", "hf-50KB") for p in (tmp_path / d).iterdir()]
+    assert (tmp_path / "hf-10MB" / "model.safetensors").is_file() and (tmp_path / "hf-50KB" / "tokenizer.model").is_file()
+    assert len([p for p in files if p.suffix == ".safetensors"]) > 2
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+    for d in ("n", "hf-10MB", "hf-50KB"):
+        assert (tmp_path / d).stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def _tokenizer(tmp_path: Path) -> str:
+    from megatron_llama.data.tokenizer import train_tokenizer
+    return train_tokenizer([str(Path(__file__).parent.parent / "data" / "corpus.jsonl")], str(tmp_path / "tok"), 400,
+                           max_sentences=2000)
 
 
 def test_pytorch_bin_input(tmp_path):
@@ -91,6 +150,30 @@ def test_inspect_reads_metadata(tmp_path, capsys):
     assert "layers.3.attention.qkv.weight" in out and "rows" in out and "4.attention.qkv.weight" in out
     assert main(["inspect", str(hf)]) == 0
     assert "LlamaForCausalLM" in capsys.readouterr().out
+
+
+def test_inspect_names_the_trained_tokenizer_not_the_corpus(tmp_path, capsys):
+    """A run that trained its tokenizer from data.corpus: inspect shows that tokenizer.model (the
+    file native-to-hf exports), or says it is gone; the corpus is not a tokenizer."""
+    from megatron_llama.config import DataConfig
+    from megatron_llama.data.build import _prepare_corpus
+    hf = _hf_dir(tmp_path)
+    assert _run(["hf-to-native", str(hf), str(tmp_path / "n"), "--verify", "no"]) == 0
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join((Path(__file__).parent.parent / "data" / "corpus.jsonl").read_text().splitlines(True)[:300]))
+    data = DataConfig(corpus=str(corpus), cache_dir=str(tmp_path / "cache"), vocab_size=400)
+    trained, _ = _prepare_corpus(data, 501)  # what a run does at start-up
+    meta = json.loads((tmp_path / "n" / "run.json").read_text())
+    meta["config"]["data"].update(tokenizer=None, corpus=str(corpus), cache_dir=str(tmp_path / "cache"), vocab_size=400)
+    (tmp_path / "n" / "run.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "n")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("tokenizer"))
+    assert line.split()[1] == trained and f"(trained from {corpus})" in line, line
+    shutil.rmtree(tmp_path / "cache")
+    assert main(["inspect", str(tmp_path / "n")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("tokenizer"))
+    assert line.split()[1] == "none" and "no longer holds it" in line, line
 
 
 # --- Meta ------------------------------------------------------------------------------------------
@@ -212,6 +295,9 @@ def test_bad_input(tmp_path, capsys):
     (gpt / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "n_embd": 64}))
     _fails(capsys, ["hf-to-native", str(gpt), str(out)], "not a LLaMA-family checkpoint", out)
     _fails(capsys, ["native-to-hf", str(tmp_path / "nothing"), str(out)], "does not exist", out)
+    _fails(capsys, ["hf-to-native", str(tmp_path / "nothing"), str(out)], f"{tmp_path / 'nothing'} does not exist", out)
+    _fails(capsys, ["hf-to-native", str(gpt / "config.json"), str(out)], "is a file, not a directory", out)
+    _fails(capsys, ["hf-to-native", str(tmp_path), str(out)], "has no config.json", out)
     # TP not dividing the KV heads (tiny-gqa: 8 heads, 4 KV heads)
     _fails(capsys, ["hf-to-native", str(hf), str(out), "--tp", "8"], "--tp=8 does not divide model.num_kv_heads=4", out)
     # shapes that disagree with the config
@@ -274,6 +360,8 @@ def test_init_from_is_ignored_when_the_run_resumes_and_checks_the_shape(tmp_path
     (tmp_path / "run" / "step0000005" / "run.json").write_text("{}")
     load, line = _init_from(cfg, layout, save=True)
     assert load is None and "ignored: resuming" in line
+    with pytest.raises(ConfigError, match="nowhere does not exist"):
+        load_initial_weights(torch.nn.Linear(1, 1), cfg.model, f"hf:{tmp_path / 'nowhere'}", 0, 1, pipelined=False)
     other = load_config(None, ["model.preset=tiny", "model.vocab_size=501"])  # 4 KV heads, not tiny-gqa's
     with pytest.raises(ConfigError, match="different model shape: num_attention_heads=8 \\(run: 4\\)"):
         load_initial_weights(torch.nn.Linear(1, 1), other.model, f"hf:{hf}", 0, 1, pipelined=False)

@@ -97,6 +97,23 @@ def test_bad_lines_skipped_and_reported(tmp_path, tok):
     assert "is empty" in text and "and 1 more" in text
 
 
+def test_invalid_json_says_what_and_where():
+    from megatron_llama.data.jsonl import parse_line
+    cases = {b'{"text": "a\tb"}': "invalid JSON (Invalid control character at column 12)",
+             b"not json": "invalid JSON (Expecting value at column 1)",
+             b'{"text": "abc': "invalid JSON (Unterminated string starting at column 10)",
+             b'{"text": "x"} y': "invalid JSON (Extra data at column 15)",
+             b'{"text": "\xff"}': "invalid JSON (not UTF-8 at byte 11)"}
+    for line, reason in cases.items():
+        assert parse_line(line, "text") == (None, reason), line
+
+
+def test_invalid_json_in_a_corpus_names_file_line_and_column(tmp_path, tok):
+    src = write_jsonl(tmp_path / "tab.jsonl", ['{"text": "fine"}\n', '{"text": "raw\ttab"}\n'])
+    s = preprocess([str(src)], str(tmp_path / "out"), tok.path, workers=1, progress=False)
+    assert f"{src}:2: invalid JSON (Invalid control character at column 14)" in s.describe()
+
+
 def test_strict_stops_and_writes_nothing(tmp_path, tok):
     good = CORPUS.read_text().splitlines(True)[:800]
     src = write_jsonl(tmp_path / "in.jsonl", good + ['{"text": 1}\n'] + good)

@@ -22,8 +22,10 @@ truncated or corrupt, says so in one warning line and falls back to the previous
 checkpoint. Pruning never removes the newest checkpoint whose files still have their sizes.
 :func:`latest` trusts ``latest`` when it names a complete checkpoint (so pointing it at an older one rolls back), and
 otherwise takes the newest complete directory. A checkpoint can only be resumed with the same
-TP, PP and DP (DeepSpeed does not reshard); the error says so. ``mllama-convert reshard`` writes a
-checkpoint for another layout (``resharded.py``), which :func:`resume` loads like any other.
+TP, PP and DP (DeepSpeed does not reshard); the error says so. A checkpoint whose ``run.json`` names
+a ``format`` (e.g. the store ``mllama-convert reshard`` writes for another layout) is loaded by the
+loader passed for that format in ``loaders``: this module knows no format but DeepSpeed's own
+(``formats.resume`` passes them all).
 
 The functions also work without torch.distributed (one process; unit tests).
 """
@@ -200,14 +202,15 @@ def latest(save_dir: str) -> Optional[dict]:
     return next((m for p in candidates(save_dir) if (m := _meta(p)) is not None), None)
 
 
-def resume(engine, layout, save_dir: str, warn=None) -> tuple[int, int]:
+def resume(engine, layout, save_dir: str, warn=None, loaders: Optional[dict] = None) -> tuple[int, int]:
     """Load the newest complete, intact checkpoint: ``(step, consumed_samples)``, or ``(0, 0)``.
 
     Every rank calls it. A checkpoint whose files do not match the sizes and checksums in its
     ``run.json`` is skipped with one warning line (rank 0) naming it and the damage; the previous
     complete one is tried next, and ``latest`` is pointed at the one loaded (the damaged one stays
     on disk for inspection until pruned). Stale ``*.tmp`` directories of a crashed save are removed
-    first.
+    first. ``loaders``: ``{run.json "format": loader(engine, layout, step_dir, info) -> (step,
+    consumed_samples)}`` for checkpoints not written by DeepSpeed.
     """
     root = Path(save_dir)
     if _rank() == 0 and root.is_dir():
@@ -223,7 +226,7 @@ def resume(engine, layout, save_dir: str, warn=None) -> tuple[int, int]:
                 (warn or _warn)(f"warning: checkpoint {ckpt} is damaged ({problem}): falling back to the "
                                 "previous complete checkpoint")
             continue
-        loaded = _load(engine, layout, save_dir, info)
+        loaded = _load(engine, layout, save_dir, info, loaders or {})
         if i:  # `latest` now names what was loaded: latest() agrees, the damaged one is not tried again
             if _rank() == 0:
                 _write_atomic(root / LATEST, ckpt.name)
@@ -237,16 +240,19 @@ def _warn(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _load(engine, layout, save_dir: str, info: dict) -> tuple[int, int]:
+def _load(engine, layout, save_dir: str, info: dict, loaders: dict) -> tuple[int, int]:
     saved = info["layout"]
     if (saved["tp"], saved["pp"], saved["dp"]) != (layout.tp, layout.pp, layout.dp):
         raise ConfigError(f"checkpoint {save_dir}/{info['tag']} was saved with TP{saved['tp']}·PP{saved['pp']}"
                           f"·DP{saved['dp']} but this run is {layout.describe()}: resume with the same layout, "
                           f"convert it (mllama-convert reshard {save_dir} NEW_DIR --tp T --pp P --dp D) "
                           "or set train.save_dir to a new directory")
-    if info.get("format") == "resharded":  # written by `mllama-convert reshard` for this layout
-        from .resharded import load_into_engine
-        return load_into_engine(engine, layout, Path(save_dir) / info["tag"], info)
+    fmt = info.get("format")
+    if fmt is not None:  # not DeepSpeed's own files, e.g. written by `mllama-convert reshard` for this layout
+        if fmt not in loaders:
+            raise ConfigError(f"checkpoint {save_dir}/{info['tag']} is in the {fmt!r} format, which this version "
+                              "cannot load: use the version that wrote it or set train.save_dir to a new directory")
+        return loaders[fmt](engine, layout, Path(save_dir) / info["tag"], info)
     try:
         state = engine.load(save_dir, tag=info["tag"])
     except (RuntimeError, KeyError, ValueError, OSError) as e:  # intact files that do not fit this model

@@ -22,11 +22,16 @@ from .params import check_key_set
 from .native_weights import pipeline_layers
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def hf_model_config(hf_dir: str | os.PathLike, name: str = "hf") -> ModelConfig:
     """``ModelConfig`` of an HF LLaMA-family ``config.json``; unsupported variants are a ConfigError."""
     path = Path(hf_dir) / "config.json"
+    if not Path(hf_dir).exists():
+        raise ConfigError(f"{hf_dir} does not exist: pass a Hugging Face model directory (save_pretrained output)")
+    if not Path(hf_dir).is_dir():
+        raise ConfigError(f"{hf_dir} is a file, not a directory: pass the Hugging Face model directory that holds it")
     if not path.is_file():
         raise ConfigError(f"{hf_dir} has no config.json: pass a Hugging Face model directory "
                           "(save_pretrained output)")
@@ -105,6 +110,18 @@ class HFWeights:
     def _keys(self, f: Path) -> list[str]:
         h = self._handle(f)
         return list(h.keys())
+
+    def dtypes(self) -> set:
+        """The dtypes the tensors are stored in, from the safetensors headers (or the memory-mapped
+        ``.bin`` files): nothing is read. Unknown safetensors dtypes come back as their name."""
+        out = set()
+        for name, f in self.where.items():
+            if f.suffix == ".safetensors":
+                code = self._handle(f).get_slice(name).get_dtype()
+                out.add(_SAFETENSORS_DTYPES.get(code, code))
+            else:
+                out.add(self._handle(f)[name].dtype)
+        return out
 
     def get(self, name: str, rows: Optional[tuple] = None) -> torch.Tensor:
         """Tensor ``name``, or only the index ``rows`` of it (a tuple of slices, e.g. ``(slice(0, 8),)`` for

@@ -2,7 +2,8 @@
 
 ``train.init_from=hf:DIR`` reads a Hugging Face directory; ``train.init_from=PATH`` a native checkpoint
 (a step directory or a run directory's ``latest``; any TP x PP x DP it was saved at, e.g. the output
-of ``mllama-convert hf-to-native``). The weights are copied into the freshly built model *before*
+of ``mllama-convert hf-to-native``) or a store written by ``mllama-convert reshard`` (its fp32
+master weights; its optimizer state is not used). The weights are copied into the freshly built model *before*
 DeepSpeed wraps it, so ZeRO's fp32 master copies start from them; the optimizer is new and the run
 starts at step 0. It applies only when the run does not resume from its own ``train.save_dir``.
 
@@ -24,7 +25,10 @@ from .params import ParamInfo, param_table, pipeline_names
 
 
 def describe_source(spec: str) -> str:
-    return f"Hugging Face directory {spec[3:]}" if spec.startswith("hf:") else f"native checkpoint {spec}"
+    if spec.startswith("hf:"):
+        return f"Hugging Face directory {spec[3:]}"
+    from .resharded import resharded_step_dir
+    return f"resharded store {spec} (its fp32 masters)" if resharded_step_dir(spec) else f"native checkpoint {spec}"
 
 
 def _same_shape(have: ModelConfig, want: ModelConfig, where: str) -> None:
@@ -102,6 +106,49 @@ class _NativeShards:
         return shard(full, p.split, rank, tp)
 
 
+class _ReshardedShards:
+    """A store written by ``mllama-convert reshard`` (``resharded.py``): its fp32 master weights
+    are the weights; its moments and step count are not used (init_from starts a fresh optimizer).
+    Each rank reads its rows / columns of one layer file at a time with ``get_slice``."""
+
+    def __init__(self, step_dir: Path, cfg: ModelConfig):
+        import json
+
+        from megatron_llama.config import config_from_dict
+
+        from .directory import META
+        self.dir = step_dir
+        _same_shape(config_from_dict(json.loads((step_dir / META).read_text())["config"]).model, cfg, str(step_dir))
+        self.cfg = cfg
+        self._file: tuple[int, object] | None = None
+
+    def read(self, p: ParamInfo, rank: int, tp: int) -> torch.Tensor:
+        from safetensors import safe_open
+
+        from .resharded import MASTER, layer_file, store_key
+        if self._file is None or self._file[0] != p.layer:  # one layer file open at a time
+            path = self.dir / layer_file(p.layer)
+            if not path.is_file():
+                raise ConfigError(f"train.init_from={self.dir}: {path.name} is missing: reshard again")
+            self._file = (p.layer, safe_open(str(path), framework="pt"))
+        t = self._file[1].get_slice(store_key(MASTER, p.name))
+        rows = t.get_shape()[0]
+        if p.split == "replicated" or tp == 1 and p.split != "vocab":
+            return t[:]
+        if p.split == "vocab":  # stored unpadded: this rank's rows, zero rows past the vocabulary
+            per = p.shape[0] // tp
+            lo, hi = rank * per, min((rank + 1) * per, rows)
+            part = t[lo:hi] if hi > lo else torch.empty(0, p.shape[1])
+            return torch.cat([part, part.new_zeros(per - part.shape[0], p.shape[1])]) if part.shape[0] < per else part
+        if p.split == "rows":
+            return t[_rows(rows, rank, tp)]
+        if p.split == "cols":
+            return t[:, _rows(t.get_shape()[1], rank, tp)]
+        half = rows // 2  # gate_up: this rank's rows of the gate half, then of the up half
+        g = _rows(half, rank, tp)
+        return torch.cat([t[g], t[half + g.start:half + g.stop]])
+
+
 @torch.no_grad()
 def load_initial_weights(module: torch.nn.Module, cfg: ModelConfig, spec: str, tp_rank: int, tp: int,
                          pipelined: bool) -> int:
@@ -112,7 +159,9 @@ def load_initial_weights(module: torch.nn.Module, cfg: ModelConfig, spec: str, t
     else:
         if not Path(spec).exists():
             raise ConfigError(f"train.init_from={spec} does not exist: pass a native checkpoint or hf:DIR")
-        source = _NativeShards(spec, cfg)
+        from .resharded import resharded_step_dir
+        store = resharded_step_dir(spec)
+        source = _ReshardedShards(store, cfg) if store is not None else _NativeShards(spec, cfg)
     # pipelined: DeepSpeed's names, incl. a tied head's copy of the embedding (its row's pipe_copy)
     by_name = pipeline_names(cfg, tp) if pipelined else {p.name: p for p in param_table(cfg, tp)}
     n = 0

@@ -160,6 +160,17 @@ class NativeCheckpoint:
             out[p.name] = full
         return out
 
+    def stored_dtypes(self) -> set[torch.dtype]:
+        """The dtypes the module weights are saved in (TP rank 0's files; memory-mapped, no tensor
+        data is read): what the run trained in, or what a conversion wrote."""
+        if self.per_layer_files:
+            files = [layer_file(i, 0) for i in sorted({p.layer for p in self.table})]
+            states = [torch_load(self.path / f, str(self.path)) for f in files]
+        else:
+            states = [torch_load(self.path / mp_rank_file(0, 0, self.tp), str(self.path)).get("module") or {}]
+        return {t.dtype for state in states for k, t in state.items()
+                if torch.is_tensor(t) and not k.endswith("._extra_state")}
+
     def layers(self, pad_for_tp: Optional[int] = None) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         """``(layer name, full tensors)`` for every pipeline layer in order, one layer in memory at a
         time; vocabulary rows padded for TP ``pad_for_tp`` (default: this checkpoint's TP)."""
@@ -195,6 +206,10 @@ def open_native(path: str | os.PathLike) -> NativeCheckpoint:
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{ckpt}/{META} is damaged or not ours ({e!s:.80}): use the run.json written with the "
                           "checkpoint") from None
+    if meta.get("format") == "resharded":  # resharded.FORMAT (that module builds on this one)
+        raise ConfigError(f"{ckpt} is a resharded store (fp32 masters and Adam moments, no module files): resume a "
+                          "run from it (train.save_dir) or start one from its weights (train.init_from), then "
+                          "convert or verify that run's checkpoint")
     if config.parallel.zero_stage == 3 and pp == 1 and not meta.get("weights_only"):
         raise ConfigError(f"{ckpt} was saved with ZeRO-3: its module files hold no weights and reading ZeRO-3 "
                           "partitions is not supported yet; train with parallel.zero_stage 1 or 2 to convert the run")

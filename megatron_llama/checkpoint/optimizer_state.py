@@ -21,6 +21,7 @@ parameter is assembled at a time. Names are the global names of ``params.py``.
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -31,7 +32,7 @@ from megatron_llama.config import ConfigError, RunConfig
 from megatron_llama.config.load import config_from_dict
 from megatron_llama.model.layout import unshard
 
-from .directory import META, latest
+from .directory import META
 from .native_weights import resolve_checkpoint, torch_load
 from .params import ParamInfo, param_table
 
@@ -152,26 +153,49 @@ def _table_by_stage(ckpt: NativeCheckpoint) -> dict[str, ParamInfo]:
     return {(p.pipe_name if ckpt.pp > 1 else p.name): p for p in table}
 
 
+def _full_states(ckpt: NativeCheckpoint, shards: _StageShards, name: str, row: ParamInfo,
+                 keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """``{key: full fp32 tensor}`` of the parameter saved as ``name`` in this stage, padding dropped."""
+    out = {}
+    for key in keys:
+        ranks = range(1 if row.split == "replicated" else ckpt.tp)
+        full = unshard([shards.shard(name, t, key) for t in ranks], row.split)
+        if tuple(full.shape) != row.shape:
+            raise ConfigError(f"{ckpt.path}: {row.name} has shape {tuple(full.shape)}, the config "
+                              f"says {row.shape}: the checkpoint does not match its run.json")
+        out[key] = full[:ckpt.cfg.model.vocab_size] if row.vocab_rows else full
+    return out
+
+
+def _crc(states: dict[str, torch.Tensor]) -> dict[str, int]:
+    return {k: zlib.crc32(memoryview(t.contiguous().numpy()).cast("B")) for k, t in states.items()}
+
+
 def iter_param_states(ckpt: NativeCheckpoint, keys: tuple[str, ...] = STATE_KEYS
                       ) -> Iterator[tuple[ParamInfo, dict[str, torch.Tensor]]]:
     """``(row, {key: full fp32 tensor})`` for every parameter in pipeline order, vocabulary padding
-    dropped. ``keys``: ``"fp32"`` (the master weights), ``"exp_avg"``, ``"exp_avg_sq"``."""
+    dropped. ``keys``: ``"fp32"`` (the master weights), ``"exp_avg"``, ``"exp_avg_sq"``.
+
+    Tied embeddings under PP: the last stage's copy of the embedding (``pipe_copy``, a parameter
+    of its own in that stage's optimizer) is not yielded; it must equal the embedding's master
+    and moments bitwise (``pipelines/tied.py`` keeps them so), which is checked by CRC."""
     by_name = _table_by_stage(ckpt)
+    copies = {p.pipe_copy: p for p in by_name.values() if p.pipe_copy} if ckpt.pp > 1 else {}
     order = {name: i for i, name in enumerate(by_name)}
-    seen = set()
-    vocab = ckpt.cfg.model.vocab_size
+    seen, tied_crc = set(), {}
     for stage in range(ckpt.pp):
         shards = _StageShards(ckpt, stage)
         for t in range(1, ckpt.tp):
             if set(shards.tp_ranks[t][0]) != set(shards.names()):
                 raise ConfigError(f"{ckpt.path}: TP ranks of stage {stage} hold different parameters")
-        unknown = [n for n in shards.names() if n not in by_name]
+        unknown = [n for n in shards.names() if n not in by_name and n not in copies]
         if unknown:
             raise ConfigError(f"{ckpt.path}: unexpected tensor {unknown[0]} (not a parameter of "
                               f"{ckpt.cfg.model.name or 'this model'})")
+        stage_copies = [n for n in shards.names() if n in copies]
         # DeepSpeed orders them by optimizer group; go in pipeline (table) order, one layer at a time
         by_layer: dict[int, list[str]] = {}
-        for name in sorted(shards.names(), key=order.__getitem__):
+        for name in sorted((n for n in shards.names() if n in by_name), key=order.__getitem__):
             by_layer.setdefault(by_name[name].layer, []).append(name)
         for names in by_layer.values():
             for name in names:
@@ -180,45 +204,27 @@ def iter_param_states(ckpt: NativeCheckpoint, keys: tuple[str, ...] = STATE_KEYS
                 # are resident, whatever the depth of the stage or the size of a layer
                 shards = shards or _StageShards(ckpt, stage)
                 row = by_name[name]
-                out = {}
-                for key in keys:
-                    ranks = range(1 if row.split == "replicated" else ckpt.tp)
-                    full = unshard([shards.shard(name, t, key) for t in ranks], row.split)
-                    if tuple(full.shape) != row.shape:
-                        raise ConfigError(f"{ckpt.path}: {row.name} has shape {tuple(full.shape)}, the config "
-                                          f"says {row.shape}: the checkpoint does not match its run.json")
-                    out[key] = full[:vocab] if row.vocab_rows else full
+                out = _full_states(ckpt, shards, name, row, keys)
+                if row.pipe_copy in copies:
+                    tied_crc[row.name] = _crc(out)
                 seen.add(name)
                 shards = None
                 yield row, out
-    missing = sorted(set(by_name) - seen)
+        for name in stage_copies:
+            row = copies[name]
+            if row.name not in tied_crc:
+                raise ConfigError(f"{ckpt.path}: {name} (the LM head's copy of {row.name}) comes before the "
+                                  "embedding itself: the checkpoint does not match its run.json")
+            copy = _crc(_full_states(ckpt, shards or _StageShards(ckpt, stage), name, row, keys))
+            shards = None
+            diff = [k for k in keys if copy[k] != tied_crc[row.name][k]]
+            if diff:
+                raise ConfigError(f"{ckpt.path}: the LM head's copy {name} of the tied {row.name} differs from it "
+                                  f"({', '.join(diff)}): the checkpoint is damaged; use another one of the run")
+            seen.add(name)
+    missing = sorted((set(by_name) | set(copies)) - seen)
     if missing:
         raise ConfigError(f"{ckpt.path}: missing {len(missing)} parameter(s), e.g. {', '.join(missing[:3])}")
-
-
-def iter_fp32_masters(ckpt_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(global name, full fp32 master weight)`` of every parameter, one at a time, in pipeline
-    order, vocabulary padding dropped (e.g. for ``native-to-hf --weights masters``). ``ckpt_dir``:
-    a run directory (newest checkpoint) or a ``stepN/``, native or written by ``reshard``."""
-    step_dir = _resharded_step_dir(Path(ckpt_dir))
-    if step_dir is not None:  # written by `mllama-convert reshard`: the masters are stored as they are
-        from .resharded import iter_store_masters
-        yield from iter_store_masters(step_dir)
-        return
-    for row, states in iter_param_states(open_native(ckpt_dir), keys=(MASTER,)):
-        yield row.name, states[MASTER]
-
-
-def _resharded_step_dir(p: Path) -> Optional[Path]:
-    if not (p / META).is_file():
-        info = latest(str(p))
-        if info is None:
-            return None
-        p = p / info["tag"]
-    try:
-        return p if json.loads((p / META).read_text()).get("format") == "resharded" else None
-    except (OSError, ValueError):
-        return None
 
 
 def read_trainer_state(ckpt: NativeCheckpoint) -> dict:

@@ -9,7 +9,7 @@ with ``run.json``, ``latest``), so the new run simply uses ``train.save_dir=OUT`
                                    TP = 1 shape, vocabulary unpadded, fp32):
                                    ``fp32/<name>``, ``exp_avg/<name>``, ``exp_avg_sq/<name>``
 
-Loading (:func:`load_into_engine`, every rank of the new run, called by ``directory.resume``):
+Loading (:func:`load_into_engine`, every rank of the new run, called by ``formats.resume``):
 each rank builds the optimizer state that torch's Adam would have after ``step`` steps, then
 sets the slices it owns through DeepSpeed's public ``safe_set_full_fp32_param`` /
 ``safe_set_full_optimizer_state`` (which know where ZeRO-1/2 put each parameter's piece on
@@ -24,6 +24,7 @@ import math
 import os
 import struct
 from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 
@@ -31,9 +32,9 @@ from megatron_llama.config import ConfigError
 from megatron_llama.model.layout import shard
 
 from . import integrity
-from .directory import META
-from .optimizer_state import STATE_KEYS, MASTER
-from .params import param_index
+from .directory import META, latest
+from .optimizer_state import MASTER, STATE_KEYS, iter_param_states, open_native
+from .params import param_index, pipeline_names
 
 FORMAT = "resharded"
 TRAINER_STATE = "trainer_state.json"
@@ -67,9 +68,10 @@ def _adam_state(optimizer, step: int) -> None:
 
 
 def _global_names(module, pipelined: bool, cfg_model, tp: int) -> dict[str, str]:
-    """Local parameter name -> global name (PipelineModule names are ``{layer}.{local}``)."""
+    """Local parameter name -> global name (PipelineModule names are ``{layer}.{local}``; a tied
+    head's copy of the embedding maps to the embedding, whose master and moments it gets)."""
     index = param_index(cfg_model, tp)
-    by_pipe = {p.pipe_name: p.name for p in index.values()}
+    by_pipe = {name: p.name for name, p in pipeline_names(cfg_model, tp).items()}
     out = {}
     for local, _ in module.named_parameters():
         name = by_pipe.get(local) if pipelined else (local if local in index else None)
@@ -208,7 +210,7 @@ def write_store(ckpt, step_dir: Path, meta: dict, on_param=None) -> None:
     """Write the store of native checkpoint ``ckpt`` into ``step_dir`` (which must exist), one
     parameter in memory at a time; ``meta`` is the new ``run.json`` (written last).
     ``on_param(name, nbytes)`` is called after each parameter (progress bars)."""
-    from .optimizer_state import iter_param_states, read_trainer_state
+    from .optimizer_state import read_trainer_state
     from .params import param_table
 
     (step_dir / TRAINER_STATE).write_text(json.dumps(read_trainer_state(ckpt), indent=2))
@@ -253,3 +255,30 @@ def iter_store_masters(step_dir: Path):
             opened.clear()  # one layer file open at a time
             opened[row.layer] = safe_open(str(step_dir / layer_file(row.layer)), framework="pt")
         yield row.name, opened[row.layer].get_tensor(store_key(MASTER, row.name))
+
+
+def resharded_step_dir(path: str | Path) -> Optional[Path]:
+    """The ``stepN/`` of a resharded store that ``path`` (a run directory: its newest checkpoint,
+    or a ``stepN/``) names, or None when it is not one."""
+    p = Path(path)
+    if not (p / META).is_file():
+        info = latest(str(p))
+        if info is None:
+            return None
+        p = p / info["tag"]
+    try:
+        return p if is_resharded(json.loads((p / META).read_text())) else None
+    except (OSError, ValueError):
+        return None
+
+
+def iter_fp32_masters(ckpt_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(global name, full fp32 master weight)`` of every parameter, one at a time, in pipeline
+    order, vocabulary padding dropped. ``ckpt_dir``: a run directory (newest checkpoint) or a
+    ``stepN/``, native (its ZeRO optimizer files) or a resharded store (stored as they are)."""
+    step_dir = resharded_step_dir(ckpt_dir)
+    if step_dir is not None:
+        yield from iter_store_masters(step_dir)
+        return
+    for row, states in iter_param_states(open_native(ckpt_dir), keys=(MASTER,)):
+        yield row.name, states[MASTER]

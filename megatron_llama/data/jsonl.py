@@ -55,8 +55,11 @@ def parse_object(line: bytes) -> tuple[Optional[dict], Optional[str]]:
         return None, None
     try:
         obj = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return None, f"invalid JSON ({e.msg if hasattr(e, 'msg') else 'not UTF-8'})"
+    except json.JSONDecodeError as e:  # e.msg alone is cut off ("Invalid control character at")
+        where = f"column {e.colno}" if e.lineno == 1 else f"line {e.lineno} column {e.colno} of the record"
+        return None, f"invalid JSON ({e.msg.removesuffix(' at')} at {where})"
+    except UnicodeDecodeError as e:
+        return None, f"invalid JSON (not UTF-8 at byte {e.start + 1})"
     if not isinstance(obj, dict):
         return None, f"expected a JSON object, got {type(obj).__name__}"
     return obj, None
