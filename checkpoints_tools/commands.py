@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from megatron_llama.config import ConfigError, ModelConfig, ParallelConfig, RunConfig, DataConfig
+from megatron_llama.config import ConfigError, ModelConfig, ParallelConfig, RunConfig, DataConfig, TrainConfig
 from megatron_llama.checkpoint.native_weights import open_native, write_native
 from megatron_llama.checkpoint.params import param_table
 from megatron_llama.data.run_tokenizer import run_tokenizer
@@ -87,7 +87,9 @@ def hf_to_native(args) -> int:
     check_hf_keys(weights, cfg)
     tok = args.tokenizer or (str(Path(args.hf_dir) / "tokenizer.model")
                              if (Path(args.hf_dir) / "tokenizer.model").is_file() else None)
-    run_cfg = RunConfig(model=cfg, parallel=par, data=DataConfig(tokenizer=_check_tokenizer(tok, cfg)))
+    # a sequence classifier becomes a reward-model checkpoint (train.objective=reward goes with model.head=score)
+    run_cfg = RunConfig(model=cfg, parallel=par, data=DataConfig(tokenizer=_check_tokenizer(tok, cfg)),
+                        train=TrainConfig(objective="reward" if cfg.head == "score" else "lm"))
     first = weights.get(next(iter(sorted(weights.names))))
     dtype = DTYPES[args.dtype] if args.dtype else first.dtype
     _write_converted(args, run_cfg, hf_layers(weights, cfg, args.tp, dtype), dtype, f"hf:{Path(args.hf_dir).resolve()}")
