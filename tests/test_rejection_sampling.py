@@ -82,6 +82,16 @@ def test_best_of_k_is_written_as_sft_data_and_resumes_to_the_same_bytes(models, 
     assert "resumed at prompt 2" in capsys.readouterr().out
     assert again.read_bytes() == whole.read_bytes()
     assert not (tmp_path / "again.jsonl.partial").exists()
+    # the same policy as a native checkpoint (mapped to transformers in memory): the same samples
+    from checkpoints_tools.convert import main as convert
+    policy, reward, prompts, tok = models
+    native = tmp_path / "native-policy"
+    assert convert(["hf-to-native", str(policy), str(native), "--no-progress", "--verify", "no"]) == 0
+    from launch.rejection_sampling import main
+    via_native = tmp_path / "via-native.jsonl"
+    assert main(["--prompts", str(prompts), "--policy", str(native), "--reward", str(reward), "--k", "3",
+                 "--max-new-tokens", "8", "--seed", "7", "--output", str(via_native), "--quiet"]) == 0
+    assert via_native.read_bytes() == whole.read_bytes()
     # other settings on top of an interrupted run: refused in one line
     assert _rs(models, tmp_path / "x.jsonl", "--stop-after", "1") == 0
     capsys.readouterr()
