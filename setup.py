@@ -37,6 +37,7 @@ setup(
             "mllama-bench=launch.bench:main",
             "mllama-plot=launch.plot:main",
             "mllama-eval=launch.eval:main",
+            "mllama-rs=launch.rejection_sampling:main",
         ],
     },
 )

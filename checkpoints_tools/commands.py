@@ -8,10 +8,10 @@ from typing import Optional
 
 import torch
 
-from megatron_llama.config import ConfigError, ModelConfig, ParallelConfig, RunConfig, DataConfig
+from megatron_llama.config import ConfigError, ModelConfig, ParallelConfig, RunConfig, DataConfig, TrainConfig
 from megatron_llama.checkpoint.native_weights import open_native, write_native
 from megatron_llama.checkpoint.params import param_table
-from megatron_llama.data.build import run_tokenizer
+from megatron_llama.data.run_tokenizer import run_tokenizer
 
 from .output_dir import atomic_output, check_output
 from .progress import TensorProgress
@@ -103,7 +103,9 @@ def hf_to_native(args) -> int:
     check_hf_keys(weights, cfg)
     tok = args.tokenizer or (str(Path(args.hf_dir) / "tokenizer.model")
                              if (Path(args.hf_dir) / "tokenizer.model").is_file() else None)
-    run_cfg = RunConfig(model=cfg, parallel=par, data=DataConfig(tokenizer=_check_tokenizer(tok, cfg)))
+    # a sequence classifier becomes a reward-model checkpoint (train.objective=reward goes with model.head=score)
+    run_cfg = RunConfig(model=cfg, parallel=par, data=DataConfig(tokenizer=_check_tokenizer(tok, cfg)),
+                        train=TrainConfig(objective="reward" if cfg.head == "score" else "lm"))
     dtype = choose_dtype(args.dtype, weights.dtypes(), args.hf_dir)
     _write_converted(args, run_cfg, hf_layers(weights, cfg, args.tp, dtype), dtype, f"hf:{Path(args.hf_dir).resolve()}")
     if _should_verify(args, cfg):
@@ -124,8 +126,9 @@ def meta_to_native(args) -> int:
 
 
 def chat_entries(config: RunConfig) -> Optional[dict]:
-    """A fine-tuned chat model's tokenizer_config.json entries: the chat template it was trained with."""
-    if not config.data.sft:
+    """A fine-tuned chat model's tokenizer_config.json entries: the chat template it was trained with
+    (SFT, and the preference objectives, whose pairs are rendered with it)."""
+    if not (config.data.sft or config.preference):
         return None
     from megatron_llama.data.chat_template import chat_template
     return chat_template(config.data.chat_template).hf_tokenizer_config()

@@ -106,7 +106,7 @@ def _describe_native(p: Path, tensors: bool) -> str:
 
 def _tokenizer_line(config) -> str:
     """The tokenizer.model the run used (what native-to-hf exports), never its corpus."""
-    from .commands import run_tokenizer
+    from megatron_llama.data.run_tokenizer import run_tokenizer
     data = config.data
     found = run_tokenizer(config)
     if found and not data.tokenizer:

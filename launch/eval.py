@@ -76,7 +76,7 @@ def _hf_tokenizer_check(path: Path) -> None:
 
 
 def _native_tokenizer(ck, given: Optional[str]):
-    from megatron_llama.data.build import run_tokenizer
+    from megatron_llama.data.run_tokenizer import run_tokenizer
     from megatron_llama.data.tokenizer import Tokenizer
     path = given or run_tokenizer(ck.config)
     if path is None:

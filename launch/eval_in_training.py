@@ -49,7 +49,7 @@ class TaskEvaluator:
             raise ConfigError(problem[0])
 
     def _prepare(self) -> None:
-        from megatron_llama.data.build import run_tokenizer
+        from megatron_llama.data.run_tokenizer import run_tokenizer
         from megatron_llama.data.tokenizer import Tokenizer
         from .eval_tasks import check_tasks, include_paths
         self.tm = check_tasks(self.names, include_paths())

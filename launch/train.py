@@ -54,6 +54,8 @@ class TrainSummary:
     resumed_from: Optional[int] = None
     stop_signal: Optional[int] = None  # SIGTERM/SIGUSR1 that stopped the run early (checkpoint saved)
     valid_losses: list = field(default_factory=list)  # [step, validation loss]
+    metrics: list = field(default_factory=list)  # per step: the objective's numbers (reward: accuracy, reward_gap)
+    valid_metrics: list = field(default_factory=list)  # [step, {valid_loss, valid_accuracy, ...}]
     skipped_steps: int = 0         # NaN/Inf or spike steps whose update was not applied
     rollbacks: int = 0
     eval_tasks: list = field(default_factory=list)  # [step, {"eval/<task>/<metric>": value}] (rank 0)
@@ -157,7 +159,7 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
     init_weights, init_line = _init_from(cfg, layout, save)
     engine = TrainEngine(cfg, layout, topo, device, schedule_for(cfg.train), init_weights=init_weights)
     global_batch = t.micro_batch_size * t.grad_accum_steps * layout.dp
-    tokens_per_step = global_batch * cfg.data.seq_len
+    tokens_per_step = global_batch * cfg.data.seq_len * (2 if cfg.preference else 1)  # a pair is two rows
 
     start_step, consumed = checkpoint.resume(engine, layout, t.save_dir) if save else (0, 0)
     batches, source = open_batches(cfg, consumed, layout.dp_rank, layout.dp, rank_zero_first)
@@ -220,6 +222,7 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
             summary.losses.append(result.loss)
             summary.grad_norms.append(result.grad_norm)
             summary.lrs.append(result.lr)
+            summary.metrics.append(result.metrics)
             logger.step(step, result, time.perf_counter() - t0, step - start_step)
             if verdict.kind != "ok":  # one line; a rollback reloads the last checkpoint (launch/rollback.py)
                 step, consumed = respond(verdict, step, samples, engine, layout, t.save_dir if save else None,
@@ -232,7 +235,10 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
                 v = validator.run()
                 monitor.valid(step, v)
                 summary.valid_losses.append([step, v["valid_loss"]])
-                logger.print(f"validation at step {step}: loss {v['valid_loss']:.4f} | ppl {v['valid_ppl']:.2f}")
+                summary.valid_metrics.append([step, v])
+                extra = " | ".join(f"{k[6:].replace('_', ' ')} {x:.2f}" if k == "valid_ppl" else
+                                   f"{k[6:].replace('_', ' ')} {x:.4f}" for k, x in v.items() if k != "valid_loss")
+                logger.print(f"validation at step {step}: loss {v['valid_loss']:.4f} | {extra}")
             if on_step is not None:
                 on_step(step)
             for kind in ("kill", "term", "wait-signal", "corrupt"):
@@ -324,7 +330,12 @@ def _init_from(cfg: RunConfig, layout, save: bool):
         from megatron.core import parallel_state
         load_initial_weights(module, cfg.model, spec, parallel_state.get_tensor_model_parallel_rank(),
                              layout.tp, pipelined=layout.pp > 1)
-    return load, f"initialised from {describe_source(spec)}: weights only, fresh optimizer, step 0"
+    line = f"initialised from {describe_source(spec)}: weights only, fresh optimizer, step 0"
+    if cfg.model.head == "score":
+        from megatron_llama.checkpoint.init_from import source_head
+        line += ("; score head from it" if source_head(spec) == "score" else
+                 "; score head drawn from train.seed (the source has an LM head, not used)")
+    return load, line
 
 
 def _write_summary(cfg: RunConfig, layout, summary: TrainSummary, total_s: float, lines: list[str]) -> None:
@@ -339,7 +350,7 @@ def _write_summary(cfg: RunConfig, layout, summary: TrainSummary, total_s: float
             "train_time_s": round(summary.wall_time_s, 2), "wall_time_s": round(total_s, 2),
             "tokens_per_s": round(summary.tokens_per_s, 1), "checkpoint": summary.checkpoint,
             "resumed_from": summary.resumed_from, "stop_signal": summary.stop_signal,
-            "valid_losses": summary.valid_losses,
+            "valid_losses": summary.valid_losses, "valid_metrics": summary.valid_metrics,
             "best_valid_loss": min((v for _, v in summary.valid_losses), default=None),
             "skipped_steps": summary.skipped_steps, "rollbacks": summary.rollbacks, "diverged": summary.diverged,
             "eval_tasks": summary.eval_tasks}

@@ -85,25 +85,6 @@ def _file_hash(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def run_tokenizer(config) -> Optional[str]:
-    """The tokenizer file a run used (``config``: its RunConfig): ``data.tokenizer``, or the one trained into
-    ``data.cache_dir`` from ``data.corpus`` (named by the corpus's hash, see ``_prepare_corpus``); None
-    when neither exists (synthetic data, or a cache that was deleted)."""
-    data = config.data
-    if data.tokenizer:
-        return data.tokenizer
-    if data.sft and data.corpus and Path(data.corpus).is_file():
-        from .sft_build import trained_tokenizer_prefix
-        path = Path(f"{trained_tokenizer_prefix(data, config.model.vocab_size)}.model")
-        return str(path) if path.is_file() else None
-    if data.corpus and Path(data.corpus).is_file():
-        vocab = data.vocab_size or config.model.vocab_size
-        path = Path(data.cache_dir) / f"tokenizer-{_file_hash(data.corpus)}-{data.text_key}-v{vocab}.model"
-        if path.is_file():
-            return str(path)
-    return None
-
-
 def _check_ids(info: IndexInfo, tok: Tokenizer, where: str) -> None:
     """The first tokens of the corpus must be ids of this tokenizer (catches a wrong tokenizer)."""
     ids = np.memmap(f"{info.prefix}.bin", dtype=info.dtype, mode="r",
