@@ -172,3 +172,47 @@ def test_bad_tokenizer_files_are_config_errors(bpe, tmp_path):
     for path, words in cases.items():
         with pytest.raises(ConfigError, match=words.replace("|", "\\|")):
             load_tokenizer(path)
+
+
+def _cli(name):
+    def run(*argv):
+        if name == "train":
+            from launch.train import main
+            return main([str(ROOT / "configs" / "tiny-cpu-3d.yaml"), *argv])
+        if name == "preprocess":
+            from megatron_llama.data.preprocess_cli import main
+        else:
+            from megatron_llama.data.tokenizer_cli import main
+        return main(list(argv))
+    return run
+
+
+BAD_INPUT = {  # name: (cli, argv with {bad} / {bpe} / {dir} placeholders, words the error line must contain)
+    "tokenizer.json that is not one": ("preprocess", ["--input", str(CORPUS), "--tokenizer", "{bad}",
+                                                      "--output", "{dir}/c"], "not a Hugging Face tokenizer.json"),
+    "tokenizer.json that is not one (info)": ("tokenizer", ["info", "{bad}"], "not a Hugging Face tokenizer.json"),
+    "more ids than model.vocab_size": ("train", ["data.tokenizer={bpe}", "train.save_dir={dir}/run",
+                                                 "data.cache_dir={dir}/data"], "model.vocab_size is 512"),
+    "more ids than model.vocab_size (SFT)": ("train", ["data.tokenizer={bpe}", "data.sft=true", "data.valid_fraction=0",
+                                                       f"data.corpus={ROOT / 'data' / 'instructions.jsonl'}",
+                                                       "train.save_dir={dir}/run", "data.cache_dir={dir}/data"],
+                                             "set model.vocab_size >= 700"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUT))
+def test_bad_input_is_one_line_and_status_2(name, bpe, tmp_path, capsys, monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    cli, argv, words = BAD_INPUT[name]
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text('{"model": {"vocab": "not a tokenizer"}}')
+    argv = [a.format(bad=tmp_path / "bad" / "tokenizer.json", bpe=bpe.path, dir=work) for a in argv]
+    assert _cli(cli)(*argv) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], captured.err
+    assert "Traceback" not in captured.out + captured.err
+    assert list(work.iterdir()) == []  # nothing written
