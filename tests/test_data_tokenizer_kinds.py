@@ -216,3 +216,22 @@ def test_bad_input_is_one_line_and_status_2(name, bpe, tmp_path, capsys, monkeyp
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], captured.err
     assert "Traceback" not in captured.out + captured.err
     assert list(work.iterdir()) == []  # nothing written
+
+
+def test_export_of_an_sft_run_tokenizer_json_carries_the_llama3_template(bpe, tmp_path):
+    """What native-to-hf writes for an SFT run with a tokenizer.json: tokenizer.json +
+    tokenizer_config.json with the chat template; config.json gets the tokenizer's special ids."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from checkpoints_tools.hf_export import write_hf_config, write_tokenizer
+    from megatron_llama.config.presets import preset
+    from megatron_llama.data.chat_template import LLAMA3
+    write_hf_config(tmp_path, preset("tiny"), torch.float32)
+    assert "tokenizers" in write_tokenizer(tmp_path, bpe.path, 256, LLAMA3.hf_tokenizer_config())
+    assert sorted(p.name for p in tmp_path.glob("tokenizer*")) == ["tokenizer.json", "tokenizer_config.json"]
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    out = hf.apply_chat_template(CHAT, tokenize=True)
+    assert list(out if isinstance(out, list) else out["input_ids"]) == LLAMA3.encode(CHAT, bpe)[0]
+    conf = json.loads((tmp_path / "config.json").read_text())
+    assert (conf["bos_token_id"], conf["eos_token_id"]) == (bpe.bos_id, bpe.eos_id) == (hf.bos_token_id, hf.eos_token_id)
