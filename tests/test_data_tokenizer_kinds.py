@@ -235,3 +235,21 @@ def test_export_of_an_sft_run_tokenizer_json_carries_the_llama3_template(bpe, tm
     assert list(out if isinstance(out, list) else out["input_ids"]) == LLAMA3.encode(CHAT, bpe)[0]
     conf = json.loads((tmp_path / "config.json").read_text())
     assert (conf["bos_token_id"], conf["eos_token_id"]) == (bpe.bos_id, bpe.eos_id) == (hf.bos_token_id, hf.eos_token_id)
+
+
+def test_llama3_sft_quickstart_corpus_trains_a_bytelevel_bpe_that_export_finds(tmp_path):
+    """data.chat_template=llama3 with a raw SFT corpus and no data.tokenizer: the run trains a byte-level
+    BPE with Llama 3's special tokens, and native-to-hf's lookup of the run's tokenizer finds it."""
+    from checkpoints_tools.commands import run_tokenizer
+    from megatron_llama.config import DataConfig, RunConfig
+    from megatron_llama.config.presets import preset
+    from megatron_llama.data.chat_template import LLAMA3
+    from megatron_llama.data.sft_build import build_sft_dataset
+    data = DataConfig(sft=True, corpus=str(ROOT / "data" / "instructions.jsonl"), chat_template="llama3", seq_len=128,
+                      cache_dir=str(tmp_path))
+    ds = build_sft_dataset(data, seed=1, model_vocab_size=1024)
+    found = run_tokenizer(RunConfig(model=preset("tiny", vocab_size=1024), data=data))
+    tok = load_tokenizer(found)
+    assert found.endswith("tokenizer.json") and tok.kind == "tokenizers" and len(ds) > 0
+    ids, mask = LLAMA3.encode(CHAT, tok)
+    assert tok.decode(ids).startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.")
