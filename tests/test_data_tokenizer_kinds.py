@@ -85,6 +85,8 @@ def test_tiktoken_file_gives_tiktokens_ids_and_exports_as_tokenizer_json(bpe, tm
     hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert hf("The river", add_special_tokens=True).input_ids == [tok.bos_id, *ref.encode_ordinary("The river")]
     assert hf.eos_token_id == tok.eos_id and load_tokenizer(tmp_path / "hf").encode(texts[0]) == tok.encode(texts[0])
+    (tmp_path / "tokenizer.json").write_bytes((tmp_path / "hf" / "tokenizer.json").read_bytes())
+    assert load_tokenizer(tmp_path).kind == "tiktoken"  # with both, a directory means its tokenizer.model
 
 
 def test_more_than_65535_ids_are_stored_in_32_bits_and_megatron_core_reads_them(tmp_path):

@@ -9,8 +9,9 @@
   token, special tokens implied), read into an equivalent ``tokenizers`` BPE; see
   ``tokenizer_tiktoken.py``.
 
-``path`` may be the file or a directory holding ``tokenizer.json`` (preferred) or
-``tokenizer.model``. The kind is read from the content, never from the name alone, and a file
+``path`` may be the file or a directory holding ``tokenizer.model`` or ``tokenizer.json``; a
+directory with both (Llama 2 and Mistral repositories) means the ``tokenizer.model``, the
+original that the ``tokenizer.json`` was converted from. The kind is read from the content, never from the name alone, and a file
 that is none of the three is one ConfigError.
 
 Every kind answers the same questions: ``encode`` (no BOS/EOS added: the caller decides; text
@@ -83,7 +84,7 @@ def detect_kind(path: Union[str, Path]) -> tuple[str, Path]:
     """(kind, file) of a tokenizer file or directory; ConfigError if it is none of ``KINDS``."""
     p = Path(path)
     if p.is_dir():
-        for name in ("tokenizer.json", "tokenizer.model"):
+        for name in ("tokenizer.model", "tokenizer.json"):
             if (p / name).is_file():
                 return detect_kind(p / name)
         raise ConfigError(f"tokenizer directory {p} has neither tokenizer.json nor tokenizer.model: point "
