@@ -399,6 +399,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if cfg.train.precision == "fp8":  # refuse before any process starts
             from megatron_llama.model import fp8
             fp8.check_supported()
+        if not in_launcher and cfg.data.tokenizer is not None and not cfg.data.synthetic:
+            from megatron_llama.data.tokenizer import load_tokenizer  # one line now, not from 8 processes
+            load_tokenizer(cfg.data.tokenizer).check_fits(cfg.model.vocab_size)
         writable_dir(cfg.train.save_dir, "train.save_dir")  # before any step, not at the first save
         if cfg.train.eval_tasks and not in_launcher:  # before any process starts (the ranks check again)
             from .eval_tasks import check_tasks, include_paths

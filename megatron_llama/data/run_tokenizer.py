@@ -19,8 +19,8 @@ def run_tokenizer(config: RunConfig) -> Optional[str]:
         from .preference_build import trained_tokenizer_prefix
         path = Path(f"{trained_tokenizer_prefix(data, config.model.vocab_size)}.model")
     elif data.sft:
-        from .sft_build import trained_tokenizer_prefix
-        path = Path(f"{trained_tokenizer_prefix(data, config.model.vocab_size)}.model")
+        from .sft_build import trained_tokenizer_path
+        path = trained_tokenizer_path(data, config.model.vocab_size)
     else:
         from .build import _file_hash
         vocab = data.vocab_size or config.model.vocab_size
