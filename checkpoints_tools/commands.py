@@ -91,7 +91,7 @@ def hf_to_native(args) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else first.dtype
     _write_converted(args, run_cfg, hf_layers(weights, cfg, args.tp, dtype), dtype, f"hf:{Path(args.hf_dir).resolve()}")
     if _should_verify(args, cfg):
-        return _verify_paths(args.hf_dir, args.out, tolerance=_tolerance(dtype))
+        return _verify_paths(args.hf_dir, args.out)
     return 0
 
 
@@ -180,7 +180,7 @@ def native_to_hf(args) -> int:
     _say(f"  tokenizer: {described}" if described else
          "  tokenizer: none recorded for this run (synthetic data?): pass --tokenizer tokenizer.model to include one")
     if _should_verify(args, cfg):
-        return _verify_paths(str(ck.path), args.out, tolerance=_tolerance(dtype, ck))
+        return _verify_paths(str(ck.path), args.out)
     return 0
 
 
@@ -188,16 +188,16 @@ def _should_verify(args, cfg: ModelConfig) -> bool:
     return args.verify == "yes" or (args.verify == "auto" and cfg.num_params() < VERIFY_AUTO_MAX_PARAMS)
 
 
-def _tolerance(dtype: torch.dtype, ck=None) -> float:
-    return 1e-4 if dtype == torch.float32 else 5e-2
-
-
-def _verify_paths(a: str, b: str, tolerance: Optional[float], tokens: int = 32) -> int:
+def _verify_paths(a: str, b: str, tolerance: Optional[float] = None, tokens: Optional[int] = None) -> int:
+    """Exit status 1 when the logits differ by more than ``tolerance`` (None: the dtype-aware bound, verify.py)."""
     from .verify import compare
     report = compare(a, b, tokens)
+    if tolerance is not None:
+        report.bound, report.why = tolerance, "--tolerance"
     _say(report.describe())
-    if tolerance is not None and report.max_rel > tolerance:
-        _say(f"error: logits of {a} and {b} differ by {report.max_rel:.2e} (relative) > {tolerance:.0e}")
+    if not report.ok:
+        _say(f"error: logits of {a} and {b} differ by {report.max_rel:.2e} (relative) > {report.bound:.0e}: "
+             "they are not the same model")
         return 1
     return 0
 

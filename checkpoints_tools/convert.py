@@ -109,12 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensors", action="store_true", help="list every parameter (shape, TP split, dtype)")
 
     p = sub.add_parser("verify", help="same tokens through two checkpoints (native or HF): logit differences",
+                       description="Run the same fixed tokens through A and B (fp32, CPU, TP 1) and compare the "
+                       "logits; exit status 1 when they differ by more than the bound (relative to the largest "
+                       "logit): 1e-5 when both store weights in the same dtype, 3e-2 (bf16) or 5e-3 (fp16) when "
+                       "one side holds rounded copies of the other's.",
                        epilog="example: mllama-convert verify runs/tiny-cpu-3d hf/tiny --tokens 64")
     p.add_argument("a")
     p.add_argument("b")
-    p.add_argument("--tokens", type=int, default=32, help="sequence length of the fixed input (default 32)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="sequence length of the fixed input (default 32; with RoPE scaling twice the original "
+                        "context, so the scaled frequencies are reached)")
     p.add_argument("--tolerance", type=float, default=None,
-                   help="fail (exit 1) when the max relative logit difference exceeds it")
+                   help="fail (exit 1) when the max relative logit difference exceeds it (default: the "
+                        "dtype-aware bound above)")
     return parser
 
 

@@ -96,6 +96,10 @@ def write_hf_config(out: Path, cfg: ModelConfig, dtype: torch.dtype, bos_id: int
             "attention_bias": cfg.qkv_bias, "mlp_bias": False, "head_dim": cfg.head_dim,
             "bos_token_id": bos_id, "eos_token_id": eos_id, "use_cache": True,
             "torch_dtype": str(dtype).replace("torch.", "")}
+    # transformers 5 reads rope_parameters (theta inside); older versions read rope_theta / rope_scaling
+    conf["rope_theta"] = cfg.rope_theta
+    if cfg.rope_scaling is not None:
+        conf["rope_scaling"] = cfg.rope_scaling.hf_parameters()
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
     gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

@@ -29,7 +29,7 @@ def describe_source(spec: str) -> str:
 
 def _same_shape(have: ModelConfig, want: ModelConfig, where: str) -> None:
     fields = ("hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size",
-              "qkv_bias", "tie_embeddings", "embedding_layernorm")
+              "qkv_bias", "tie_embeddings", "embedding_layernorm", "rope_theta", "rope_scaling", "norm_eps")
     diff = [f"{f}={getattr(have, f)} (run: {getattr(want, f)})" for f in fields if getattr(have, f) != getattr(want, f)]
     if diff:
         raise ConfigError(f"train.init_from={where} holds a different model shape: {', '.join(diff)}; set the run's "
