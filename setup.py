@@ -11,6 +11,7 @@ setup(
         "deepspeed==0.19.8",
         "megatron-core==0.16.1",
         "sentencepiece>=0.2",
+        "tokenizers==0.23.3",  # tokenizer.json (Llama 3, Qwen2, Mistral), byte-level BPE training
         "protobuf",  # sentencepiece_model_pb2: a trained tokenizer file without machine-specific fields
         "wandb",
         "pyyaml",
@@ -20,9 +21,11 @@ setup(
         "zstandard",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-xdist", "hypothesis", "transformers", "safetensors", "matplotlib", "tensorboard"],
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "transformers", "safetensors", "matplotlib", "tensorboard",
+                "tiktoken==0.14.0"],
         "tensorboard": ["tensorboard"],  # train.tensorboard_dir
         "plot": ["matplotlib"],          # mllama-plot
+        "meta": ["tiktoken==0.14.0"],    # Meta's Llama 3 tokenizer.model with tiktoken itself (tests compare)
         # mllama-bench --baseline torchtitan,torchtitan-fp8 (0.3 needs a newer torch than 2.11)
         "bench": ["torchtitan==0.2.2", "torchao==0.18.0", "transformers", "matplotlib"],
     },

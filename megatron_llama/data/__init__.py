@@ -6,7 +6,7 @@ lazily: the CLIs and the corpus generator start without importing torch or megat
 from importlib import import_module
 
 _EXPORTS = {
-    "Tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
+    "Tokenizer": "tokenizer", "load_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
     "build_train_dataset": "build", "TrainDataset": "build", "SyntheticDataset": "build",
     "batch_indices": "sampler", "MicroBatchIterator": "sampler",
 }

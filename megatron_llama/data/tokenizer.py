@@ -1,147 +1,126 @@
-"""SentencePiece BPE tokenizer with LLaMA's settings, or a user's existing ``tokenizer.model``.
+"""One tokenizer interface over three file kinds; ``load_tokenizer(path)`` tells them apart.
 
-LLaMA's trainer spec (read back from Meta's tokenizer.model): BPE, digits split into single
-pieces, byte fallback (no text is ever <unk>: unknown UTF-8 becomes <0xNN> byte pieces),
-identity normalisation and no whitespace folding (so code and whitespace runs round-trip),
-unk=0, bos=1, eos=2, no pad piece (pad_id=-1).
+* ``sentencepiece``: a SentencePiece ``tokenizer.model`` (LLaMA 1/2, Mistral v1, ours from
+  ``mllama-tokenizer train``); see ``tokenizer_sp.py``.
+* ``tokenizers``: a Hugging Face ``tokenizer.json`` with its ``tokenizer_config.json`` beside it,
+  which names the special tokens (Llama 3's byte-level BPE, Qwen2, Mistral; ours from
+  ``mllama-tokenizer train --kind bpe-bytelevel``); see ``tokenizer_hf.py``.
+* ``tiktoken``: Meta's original Llama 3 ``tokenizer.model`` (one ``base64-token rank`` line per
+  token, special tokens implied), read into an equivalent ``tokenizers`` BPE; see
+  ``tokenizer_tiktoken.py``.
+
+``path`` may be the file or a directory holding ``tokenizer.json`` (preferred) or
+``tokenizer.model``. The kind is read from the content, never from the name alone, and a file
+that is none of the three is one ConfigError.
+
+Every kind answers the same questions: ``encode`` (no BOS/EOS added: the caller decides; text
+never produces special-token ids), ``encode_batch`` (one native call for many documents),
+``decode``, ``token_to_id``/``id_to_token``, ``vocab_size`` (largest id + 1, what
+``model.vocab_size`` must cover), the special ids (-1 where the tokenizer has none), and
+``checksum`` (sha256 of what determines the ids; recorded with preprocessed data and checkpoints).
 """
 from __future__ import annotations
 
-import hashlib
-import itertools
-import os
-import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator, Union
-
-import sentencepiece as spm
+from typing import Iterable, Optional, Union
 
 from ..config.errors import ConfigError
-from ..config.paths import output_prefix
-from .jsonl import iter_texts
 
-LLAMA_TRAINER_SPEC = dict(
-    model_type="bpe",
-    split_digits=True,
-    byte_fallback=True,
-    normalization_rule_name="identity",
-    remove_extra_whitespaces=False,
-    add_dummy_prefix=True,
-    allow_whitespace_only_pieces=True,
-    character_coverage=0.99995,
-    max_sentencepiece_length=16,
-    max_sentence_length=4192,
-    unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-    shuffle_input_sentence=True,
-)
+KINDS = ("sentencepiece", "tokenizers", "tiktoken")
 
 
 class Tokenizer:
-    """A loaded SentencePiece model. ``encode`` adds neither BOS nor EOS: the caller decides."""
+    """What preprocessing, the chat templates, the start-up checks and export use."""
 
-    def __init__(self, path: Union[str, Path]):
-        self.path = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"tokenizer {p} does not exist: train one with `mllama-tokenizer train` "
-                              "or point data.tokenizer at a LLaMA tokenizer.model")
-        blob = p.read_bytes()
-        self.sp = spm.SentencePieceProcessor()
-        try:
-            self.sp.LoadFromSerializedProto(blob)
-        except Exception:  # sentencepiece raises a bare RuntimeError/OSError on a bad proto
-            raise ConfigError(f"tokenizer {p} is not a SentencePiece model: pass a tokenizer.model "
-                              "file") from None
-        self.checksum = hashlib.sha256(blob).hexdigest()
-        self.vocab_size: int = self.sp.get_piece_size()
-        self.bos_id: int = self.sp.bos_id()
-        self.eos_id: int = self.sp.eos_id()
-        self.pad_id: int = self.sp.pad_id()
-        self.unk_id: int = self.sp.unk_id()
-        if self.eos_id < 0:
-            raise ConfigError(f"tokenizer {p} has no EOS piece: documents could not be separated; "
-                              "train one with `mllama-tokenizer train`")
+    kind: str
+    path: str
+    checksum: str
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    unk_id: int
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Tokenizer":
-        return cls(path)
+        """Any kind (see ``load_tokenizer``)."""
+        return load_tokenizer(path)
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+        raise NotImplementedError
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """One call into C++ for many documents: far less Python overhead per document."""
-        return self.sp.encode(texts)
+        raise NotImplementedError
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        raise NotImplementedError
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        """The id of a vocabulary entry (a special token such as ``<|eot_id|>``), None if absent."""
+        raise NotImplementedError
+
+    def id_to_token(self, i: int) -> str:
+        raise NotImplementedError
+
+    def facts(self) -> dict:
+        """What ``mllama-tokenizer info`` prints."""
+        return {"path": self.path, "kind": self.kind, "vocab_size": self.vocab_size, "unk_id": self.unk_id,
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id, "sha256": self.checksum}
 
     def describe(self) -> str:
-        return (f"{Path(self.path).name}: vocab {self.vocab_size}, unk={self.unk_id} bos={self.bos_id} "
-                f"eos={self.eos_id} pad={self.pad_id}, sha256 {self.checksum[:12]}")
+        return (f"{Path(self.path).name} ({self.kind}): vocab {self.vocab_size}, unk={self.unk_id} "
+                f"bos={self.bos_id} eos={self.eos_id} pad={self.pad_id}, sha256 {self.checksum[:12]}")
+
+    def check_fits(self, model_vocab_size: int) -> None:
+        """ConfigError unless every id is a row of an embedding with ``model_vocab_size`` rows."""
+        if self.vocab_size > model_vocab_size:
+            raise ConfigError(f"tokenizer {self.path} has {self.vocab_size} ids but model.vocab_size is "
+                              f"{model_vocab_size}: set model.vocab_size >= {self.vocab_size} (the model "
+                              "pads its vocabulary, never the reverse)")
 
 
-def _lines(texts: Iterator[str], limit: int) -> Iterator[str]:
-    """Documents -> non-empty lines (SentencePiece trains on sentences; newlines stay bytes)."""
-    lines = (line for text in texts for line in text.split("\n") if line.strip())
-    return itertools.islice(lines, limit)
+def detect_kind(path: Union[str, Path]) -> tuple[str, Path]:
+    """(kind, file) of a tokenizer file or directory; ConfigError if it is none of ``KINDS``."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (p / name).is_file():
+                return detect_kind(p / name)
+        raise ConfigError(f"tokenizer directory {p} has neither tokenizer.json nor tokenizer.model: point "
+                          "data.tokenizer at a tokenizer file or a Hugging Face model directory")
+    if not p.is_file():
+        raise ConfigError(f"tokenizer {p} does not exist: train one with `mllama-tokenizer train` or point "
+                          "data.tokenizer at a tokenizer.model / tokenizer.json")
+    with open(p, "rb") as f:
+        head = f.read(4096)
+    if head.lstrip()[:1] == b"{":
+        return "tokenizers", p
+    from .tokenizer_tiktoken import looks_like_tiktoken
+    if looks_like_tiktoken(head):
+        return "tiktoken", p
+    return "sentencepiece", p  # its loader says so if it is not a SentencePiece proto either
 
 
-MIN_VOCAB = 260
+def load_tokenizer(path: Union[str, Path]) -> Tokenizer:
+    """The tokenizer at ``path`` (file or directory), whatever its kind; ConfigError if unreadable."""
+    kind, file = detect_kind(path)
+    if kind == "tokenizers":
+        from .tokenizer_hf import HFTokenizer
+        return HFTokenizer.from_file(file)
+    if kind == "tiktoken":
+        from .tokenizer_tiktoken import load_tiktoken
+        return load_tiktoken(file)
+    from .tokenizer_sp import SentencePieceTokenizer
+    return SentencePieceTokenizer(file)
 
 
-def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int, text_key: str = "text",
-                    max_sentences: int = 5_000_000, num_threads: int | None = None) -> str:
-    """Train a LLaMA-style BPE model on JSONL (or .txt) files; returns ``<model_prefix>.model``.
-
-    Only the first ``max_sentences`` lines are read (SentencePiece samples from what it is given;
-    LLaMA's 32k vocabulary needs a few million sentences, not the whole corpus).
-    """
-    if not inputs:
-        raise ConfigError("no input files to train the tokenizer on: pass JSONL or .txt files")
-    for path in inputs:
-        if not Path(path).is_file():
-            raise ConfigError(f"input {path} does not exist: pass JSONL or .txt files")
-    if vocab_size < MIN_VOCAB:
-        raise ConfigError(f"tokenizer vocab_size={vocab_size} is too small: use at least {MIN_VOCAB} (the 256 "
-                          "byte fallback pieces, the special pieces and some merges)")
-    if max_sentences < 1:
-        raise ConfigError(f"max_sentences must be >= 1, got {max_sentences}")
-    output_prefix(model_prefix, "tokenizer output")
-    sentences = _lines(iter_texts(list(inputs), text_key), max_sentences)
-    first = next(sentences, None)
-    if first is None:
-        raise ConfigError(f"no text found in {', '.join(map(str, inputs))} under key {text_key!r}: "
-                          "check --text-key")
-    out = Path(model_prefix)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Train under a temporary prefix and rename: a killed run never leaves a plausible .model.
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".sp-train-") as tmp:
-        tmp_prefix = os.path.join(tmp, "m")
-        try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=itertools.chain([first], sentences), model_prefix=tmp_prefix,
-                vocab_size=vocab_size, input_sentence_size=max_sentences,
-                num_threads=num_threads or os.cpu_count() or 1, minloglevel=2, **LLAMA_TRAINER_SPEC)
-        except RuntimeError as e:
-            msg = str(e).strip().splitlines()[-1]
-            raise ConfigError(f"tokenizer training failed with vocab_size={vocab_size}: {msg}") from None
-        _make_deterministic(f"{tmp_prefix}.model", out.name)
-        os.replace(f"{tmp_prefix}.vocab", f"{out}.vocab")
-        os.replace(f"{tmp_prefix}.model", f"{out}.model")
-    return f"{out}.model"
+_SENTENCEPIECE_NAMES = ("LLAMA_TRAINER_SPEC", "MIN_VOCAB", "SentencePieceTokenizer", "train_tokenizer")
 
 
-def _make_deterministic(model_file: str, name: str) -> None:
-    """SentencePiece stores its training options in the model, among them the (temporary) output
-    prefix and the thread count: the same corpus would give a different file, and so a different
-    checksum, every time (invalidating preprocessed-data caches keyed on it). Keep only what does
-    not depend on where or on how many cores it was trained."""
-    from sentencepiece import sentencepiece_model_pb2
-    proto = sentencepiece_model_pb2.ModelProto()
-    with open(model_file, "rb") as f:
-        proto.ParseFromString(f.read())
-    proto.trainer_spec.model_prefix = name
-    proto.trainer_spec.ClearField("num_threads")
-    with open(model_file, "wb") as f:
-        f.write(proto.SerializeToString(deterministic=True))
+def __getattr__(name: str):
+    """The SentencePiece trainer (the quickstart's default) was first defined here; resolved lazily
+    so that ``tokenizer_sp`` can import the interface from this module."""
+    if name in _SENTENCEPIECE_NAMES:
+        from . import tokenizer_sp
+        return getattr(tokenizer_sp, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""``mllama-tokenizer``: train a LLaMA-style SentencePiece BPE model, or inspect one."""
+"""``mllama-tokenizer``: train a tokenizer (SentencePiece BPE or byte-level BPE), inspect one, or extend one."""
 from __future__ import annotations
 
 import argparse
@@ -13,11 +13,21 @@ examples:
   mllama-tokenizer train --input web.jsonl.gz books.jsonl --vocab-size 32000 --output tok/llama32k
   # the tiny quickstart tokenizer from the embedded corpus:
   mllama-tokenizer train --input data/corpus.jsonl --vocab-size 512 --output runs/tok
-  # what is in a tokenizer (yours or Meta's tokenizer.model):
+  # a Llama 3-style byte-level BPE (writes tok/bpe128k/tokenizer.json + tokenizer_config.json):
+  mllama-tokenizer train --kind bpe-bytelevel --input web.jsonl.gz --vocab-size 128000 --output tok/bpe128k
+  # what is in a tokenizer (a .model, a tokenizer.json, Meta's Llama 3 tokenizer.model, or a directory):
   mllama-tokenizer info runs/tok.model
+  mllama-tokenizer info Meta-Llama-3-8B/
 
-settings (LLaMA's): BPE, digits split, byte fallback (any UTF-8 round-trips, nothing is <unk>),
-no normalisation or whitespace folding, unk=0 bos=1 eos=2, no pad piece (pad_id -1).
+kinds:
+  sentencepiece (default): LLaMA 1/2's settings: BPE, digits split, byte fallback (any UTF-8
+    round-trips, nothing is <unk>), no normalisation or whitespace folding, unk=0 bos=1 eos=2,
+    no pad piece (pad_id -1). Writes PREFIX.model and PREFIX.vocab.
+  bpe-bytelevel: Llama 3's layout (its pre-tokenizer regex, 256 byte tokens, no <unk>), trained
+    with the Hugging Face tokenizers library; specials <|begin_of_text|> (bos) <|end_of_text|>
+    (eos) <|start_header_id|> <|end_header_id|> <|eot_id|> (the llama3 chat template) are ids 0-4.
+    Writes DIR/tokenizer.json and DIR/tokenizer_config.json.
+Both files depend only on the corpus and the options: training twice gives the same bytes.
 """
 
 
@@ -29,28 +39,40 @@ def main(argv: list[str] | None = None) -> int:
                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("--input", nargs="+", required=True, metavar="FILE",
                     help="JSONL (.jsonl, .gz, .zst) or plain .txt files")
-    tr.add_argument("--output", required=True, metavar="PREFIX",
-                    help="writes PREFIX.model and PREFIX.vocab")
-    tr.add_argument("--vocab-size", type=int, required=True, help="e.g. 32000 (LLaMA); >= ~300")
+    tr.add_argument("--kind", choices=("sentencepiece", "bpe-bytelevel"), default="sentencepiece",
+                    help="sentencepiece (LLaMA 1/2, default) or bpe-bytelevel (Llama 3-style tokenizer.json)")
+    tr.add_argument("--output", required=True, metavar="PREFIX|DIR",
+                    help="sentencepiece: writes PREFIX.model and PREFIX.vocab; bpe-bytelevel: writes "
+                         "DIR/tokenizer.json and DIR/tokenizer_config.json")
+    tr.add_argument("--vocab-size", type=int, required=True,
+                    help="e.g. 32000 (LLaMA), 128000 (Llama 3); >= ~300")
     tr.add_argument("--text-key", default="text", help="JSON field holding the text (default: text)")
     tr.add_argument("--max-sentences", type=int, default=5_000_000,
-                    help="lines read for training (default 5M; SentencePiece samples from them)")
-    info = sub.add_parser("info", help="vocab size, special ids and checksum of a .model")
-    info.add_argument("model", help="a SentencePiece .model file")
+                    help="lines (sentencepiece) or documents (bpe-bytelevel) read for training (default 5M)")
+    info = sub.add_parser("info", help="kind, vocab size, special ids and checksum of a tokenizer")
+    info.add_argument("model", help="a tokenizer.model, tokenizer.json, or a directory holding one")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     args = ap.parse_args(argv)
-    from .tokenizer import Tokenizer, train_tokenizer  # after --help: keeps it instant
+    from .tokenizer import load_tokenizer  # after --help: keeps it instant
     try:
         if args.cmd == "train":
-            path = train_tokenizer(args.input, args.output, args.vocab_size, args.text_key,
-                                   max_sentences=args.max_sentences)
+            if args.kind == "bpe-bytelevel":
+                from .tokenizer_hf import train_bpe_bytelevel
+                path = train_bpe_bytelevel(args.input, args.output, args.vocab_size, args.text_key,
+                                           max_documents=args.max_sentences, progress=sys.stderr.isatty())
+            else:
+                from .tokenizer_sp import train_tokenizer
+                path = train_tokenizer(args.input, args.output, args.vocab_size, args.text_key,
+                                       max_sentences=args.max_sentences)
             print(f"wrote {path}")
-            print(Tokenizer.load(path).describe())
+            tok = load_tokenizer(path)
+            print(tok.describe())
+            if tok.vocab_size < args.vocab_size:
+                print(f"note: the corpus gave only {tok.vocab_size} ids (no more pairs occur twice); "
+                      f"set model.vocab_size >= {tok.vocab_size}")
         else:
-            tok = Tokenizer.load(args.model)
-            facts = {"path": tok.path, "vocab_size": tok.vocab_size, "unk_id": tok.unk_id,
-                     "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
-                     "sha256": tok.checksum}
+            tok = load_tokenizer(args.model)
+            facts = tok.facts()
             if args.json:
                 print(json.dumps(facts))
             else:
