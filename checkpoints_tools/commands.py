@@ -98,10 +98,12 @@ def hf_to_native(args) -> int:
 def meta_to_native(args) -> int:
     from .meta import MetaCheckpoint
     check_output(Path(args.out), args.force)
-    meta = MetaCheckpoint(args.meta_dir, vocab_size=args.vocab_size)
+    meta = MetaCheckpoint(args.meta_dir, vocab_size=args.vocab_size, rope_scaling_factor=args.rope_scaling_factor)
     cfg = meta.config
     par = _check_layout(cfg, args.tp, args.pp)
-    run_cfg = RunConfig(model=cfg, parallel=par, data=DataConfig(tokenizer=_check_tokenizer(args.tokenizer, cfg)))
+    tok = args.tokenizer or (str(Path(args.meta_dir) / "tokenizer.model")
+                             if (Path(args.meta_dir) / "tokenizer.model").is_file() else None)
+    run_cfg = RunConfig(model=cfg, parallel=par, data=DataConfig(tokenizer=_check_tokenizer(tok, cfg)))
     dtype = DTYPES[args.dtype] if args.dtype else meta.dtype
     _write_converted(args, run_cfg, meta.layers(args.tp, dtype), dtype, f"meta:{Path(args.meta_dir).resolve()}")
     return 0

@@ -129,3 +129,154 @@ def test_rope_scaling_with_a_missing_field_in_a_run_config(capsys, tmp_path):
     assert res.returncode == 2 and len(err) == 1, res.stderr
     assert err[0].startswith("error: model.rope_scaling (llama3) lacks original_max_position_embeddings"), err
     assert not (tmp_path / "run").exists()
+
+
+# --- Meta's original Llama 3 format ----------------------------------------------------------------
+META3 = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=556, multiple_of=32, ffn_dim_multiplier=1.3,
+             norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
+META_SEQ = 160
+
+
+def _tiktoken_file(path: Path) -> None:
+    """A tiktoken-format tokenizer.model: the 256 bytes and 44 merges (300 ranks; + 256 specials = 556 ids)."""
+    import base64
+    tokens = [bytes([i]) for i in range(256)]
+    for word in (b"th", b"he", b"the", b" t", b" the", b"in", b"an", b"er", b"on", b" a", b"re", b"at", b"en",
+                 b"nd", b" s", b"ed", b"or", b"es", b" w", b"is", b"it", b"ing", b" o", b"ar", b" c", b"ou",
+                 b" b", b" f", b"al", b"le", b"ti", b" p", b"as", b"to", b"st", b"ion", b" m", b"ic", b"ro",
+                 b" d", b"ent", b" in", b" and", b" of"):
+        tokens.append(word)
+    path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for r, t in enumerate(tokens)))
+
+
+def _meta3_weights(p: dict, tied: bool, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    d, hd = p["dim"], p["dim"] // p["n_heads"]
+    f = int(p["ffn_dim_multiplier"] * int(2 * 4 * d / 3))
+    f = p["multiple_of"] * ((f + p["multiple_of"] - 1) // p["multiple_of"])
+
+    def mat(o, i, scale=1.0):
+        return torch.randn(o, i, generator=g) * scale / i ** 0.5
+
+    def norm():
+        return 1 + 0.2 * torch.randn(d, generator=g)
+
+    w = {"tok_embeddings.weight": torch.randn(p["vocab_size"], d, generator=g), "norm.weight": norm()}
+    if not tied:
+        w["output.weight"] = mat(p["vocab_size"], d)
+    for i in range(p["n_layers"]):
+        w |= {f"layers.{i}.attention.wq.weight": mat(p["n_heads"] * hd, d, 4.0),
+              f"layers.{i}.attention.wk.weight": mat(p["n_kv_heads"] * hd, d, 4.0),
+              f"layers.{i}.attention.wv.weight": mat(p["n_kv_heads"] * hd, d),
+              f"layers.{i}.attention.wo.weight": mat(d, p["n_heads"] * hd),
+              f"layers.{i}.feed_forward.w1.weight": mat(f, d), f"layers.{i}.feed_forward.w3.weight": mat(f, d),
+              f"layers.{i}.feed_forward.w2.weight": mat(d, f),
+              f"layers.{i}.attention_norm.weight": norm(), f"layers.{i}.ffn_norm.weight": norm()}
+    return w
+
+
+def _meta3_reference(w: dict, p: dict, tokens: torch.Tensor, factor) -> torch.Tensor:
+    """Meta's Llama 3 forward written from its description: complex (interleaved-pair) RoPE whose frequencies,
+    with use_scaled_rope, are rescaled one by one (8192-token original context, low/high factors 1 and 4)."""
+    hd = p["dim"] // p["n_heads"]
+    freqs = (1.0 / p["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd)).tolist()
+    if factor is not None:
+        scaled = []
+        for fr in freqs:
+            wavelen = 2 * 3.141592653589793 / fr
+            if wavelen < 8192 / 4:
+                scaled.append(fr)
+            elif wavelen > 8192 / 1:
+                scaled.append(fr / factor)
+            else:
+                smooth = (8192 / wavelen - 1) / (4 - 1)
+                scaled.append((1 - smooth) * fr / factor + smooth * fr)
+        freqs = scaled
+    return _meta_reference_with_freqs(w, p, tokens, torch.tensor(freqs))
+
+
+def _meta_reference_with_freqs(w, p, tokens, freqs):
+    """Meta's forward (tests/test_convert_cli._meta_reference, with given rotary frequencies; a tied model
+    multiplies by the embedding)."""
+    d, H, G = p["dim"], p["n_heads"], p["n_kv_heads"]
+    hd = d // H
+    b, s = tokens.shape
+
+    def rms(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + p["norm_eps"]) * weight
+
+    cis = torch.polar(torch.ones(s, hd // 2), torch.outer(torch.arange(s).float(), freqs.float()))
+
+    def rope(x):
+        xc = torch.view_as_complex(x.reshape(*x.shape[:-1], hd // 2, 2))
+        return torch.view_as_real(xc * cis[None, :, None, :]).flatten(3)
+
+    h = w["tok_embeddings.weight"][tokens]
+    mask = torch.full((s, s), float("-inf")).triu(1)
+    for i in range(p["n_layers"]):
+        L = lambda n: w[f"layers.{i}.{n}.weight"]  # noqa: E731
+        x = rms(h, L("attention_norm"))
+        q = rope((x @ L("attention.wq").T).view(b, s, H, hd))
+        k = rope((x @ L("attention.wk").T).view(b, s, G, hd)).repeat_interleave(H // G, dim=2)
+        v = (x @ L("attention.wv").T).view(b, s, G, hd).repeat_interleave(H // G, dim=2)
+        att = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(2, 3)) / hd ** 0.5 + mask
+        o = (att.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2).reshape(b, s, d)
+        h = h + o @ L("attention.wo").T
+        x = rms(h, L("ffn_norm"))
+        h = h + (torch.nn.functional.silu(x @ L("feed_forward.w1").T) * (x @ L("feed_forward.w3").T)) @ L("feed_forward.w2").T
+    return rms(h, w["norm.weight"]) @ w.get("output.weight", w["tok_embeddings.weight"]).T
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["llama3.1-2-shards", "llama3.2-tied"])
+def test_meta_llama3_to_native_matches_reference(tmp_path, capsys, tied):
+    from checkpoints_tools.verify import native_logits
+    from megatron_llama.checkpoint.native_weights import open_native
+    from megatron_llama.data.tokenizer import Tokenizer
+    from test_convert_cli import _write_meta
+    params = dict(META3, **({"rope_scaling_factor": 32.0} if tied else {}))
+    factor = 32.0 if tied else 8.0
+    w = _meta3_weights(params, tied)
+    _write_meta(w, params, tmp_path / "meta", shards=1 if tied else 2)
+    _tiktoken_file(tmp_path / "meta" / "tokenizer.model")
+    flags = [] if tied else ["--rope-scaling-factor", "8"]  # 3.1's params.json does not say its factor
+    assert _run(["meta-to-native", str(tmp_path / "meta"), str(tmp_path / "n"), "--tp", "2", *flags]) == 0
+    ck = open_native(tmp_path / "n")
+    assert ck.model.rope_scaling.factor == factor and ck.model.tie_embeddings == tied
+    tok = Tokenizer.load(ck.config.data.tokenizer)
+    assert tok.kind == "tiktoken" and tok.vocab_size == params["vocab_size"]
+    tokens = torch.randint(0, params["vocab_size"], (1, META_SEQ), generator=torch.Generator().manual_seed(1))
+    ref = _meta3_reference(w, params, tokens, factor)
+    err = ((native_logits(str(tmp_path / "n"), tokens) - ref).norm() / ref.norm()).item()
+    unscaled = ((_meta3_reference(w, params, tokens, None) - ref).norm() / ref.norm()).item()
+    print(f"meta llama3 {'tied' if tied else '2 shards'}: rel err {err:.2e}; without the scaling {unscaled:.2e}")
+    assert err < 1e-5
+    assert unscaled > 100 * 1e-5  # the reference itself shows that dropping use_scaled_rope would be caught
+
+
+def _meta_refused(capsys, meta: Path, out: Path, words: str, flags=()) -> None:
+    capsys.readouterr()
+    assert _run(["meta-to-native", str(meta), str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+    assert not out.exists() and not list(out.parent.glob(f".{out.name}.tmp-*"))
+
+
+def test_meta_params_that_disagree_or_are_unknown_are_refused(tmp_path, capsys):
+    from test_convert_cli import _write_meta
+    w = _meta3_weights(META3, tied=False)
+    _write_meta(w, META3, tmp_path / "meta", shards=2)
+    out = tmp_path / "out"
+    _meta_refused(capsys, tmp_path / "meta", out, "use_scaled_rope but no rope_scaling_factor: pass "
+                  "--rope-scaling-factor 8")
+    for name, edit, words in [
+            ("kv", dict(n_kv_heads=4), "layers.0.attention.wk.weight has shape (16, 64) but params.json"),
+            ("ffn", dict(ffn_dim_multiplier=1.0), "feed_forward.w1.weight has shape (112, 64) but params.json"),
+            ("vocab", dict(vocab_size=600), "tok_embeddings.weight has shape (556, 32) but params.json"),
+            ("layers", dict(n_layers=3), "layers.2"),
+            ("unknown", dict(qk_norm=True), "key qk_norm=True is not understood")]:
+        d = tmp_path / name
+        d.mkdir()
+        for f in (tmp_path / "meta").glob("consolidated.*.pth"):
+            (d / f.name).symlink_to(f)
+        (d / "params.json").write_text(json.dumps(dict(META3, **edit)))
+        _meta_refused(capsys, d, out, words, ["--rope-scaling-factor", "8"])
