@@ -13,6 +13,15 @@
    two-source blend.
 
 Writes bench/results/preprocess_throughput.json.
+
+    .venv/bin/python bench/preprocess_throughput.py --kinds   # ~10 min on a 2-core machine
+
+``--kinds`` instead compares the tokenizer kinds on >= 200 MB of JSONL made from the shipped
+corpus (data/corpus.jsonl, its documents reshuffled per copy): a 32k SentencePiece BPE and a 128k
+byte-level BPE (``tokenizers``, Llama 3's layout), both trained on the stdlib text and installed
+packages' sources (the shipped corpus is too small for 128k merges), each through ``preprocess`` with 1 and 2 workers. MB/s per
+CPU-second is the figure to read (the machine is shared: load averages are recorded).
+Writes bench/results/preprocess_throughput_kinds.json.
 """
 from __future__ import annotations
 
@@ -37,20 +46,22 @@ from megatron_llama.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E4
 TARGET_MB = 24
 
 
-def make_corpus(path: Path) -> int:
-    """Stdlib .py/.txt/.rst files, split into ~4 KB documents, until TARGET_MB of JSONL."""
+def make_corpus(path: Path, target_mb: float = TARGET_MB, site_packages: bool = False) -> int:
+    """Stdlib .py/.txt/.rst files (``site_packages``: and the installed packages', for more
+    distinct words), split into ~4 KB documents, until ``target_mb`` of JSONL."""
     stdlib = Path(os.__file__).parent
     size = 0
     with open(path, "w") as out:
         for f in sorted(stdlib.rglob("*")):
-            if f.suffix not in (".py", ".txt", ".rst") or "site-packages" in f.parts or not f.is_file():
+            if f.suffix not in (".py", ".txt", ".rst") or not f.is_file() or (
+                    "site-packages" in f.parts and not site_packages):
                 continue
             text = f.read_text(errors="replace")
             for k in range(0, len(text), 4096):
                 line = json.dumps({"text": text[k:k + 4096], "src": f.name}) + "\n"
                 out.write(line)
                 size += len(line)
-            if size > TARGET_MB * 1e6:
+            if size > target_mb * 1e6:
                 return size
     return size
 
@@ -104,7 +115,103 @@ def index_build(tmp: Path, seq_len: int = 2048) -> dict:
     return out
 
 
+def make_shipped_corpus(path: Path, target_mb: float) -> int:
+    """data/corpus.jsonl repeated until ``target_mb``, documents in a new order per copy."""
+    import random
+    lines = (ROOT / "data" / "corpus.jsonl").read_text().splitlines(keepends=True)
+    size, rng = 0, random.Random(0)
+    with open(path, "w") as out:
+        while size < target_mb * 1e6:
+            rng.shuffle(lines)
+            out.writelines(lines)
+            size += sum(map(len, lines))
+    return size
+
+
+def raw_batch_mbps(tok, path: Path, n: int = 20000) -> float:
+    """MB/s per CPU-second of the tokenizer's own batch encode on the corpus's first texts."""
+    texts = [json.loads(line)["text"] for _, line in zip(range(n), open(path))]
+    nbytes = sum(len(t.encode()) for t in texts)
+    c0 = time.process_time()
+    for k in range(0, len(texts), 512):
+        tok.encode_batch(texts[k:k + 512])
+    return nbytes / 1e6 / (time.process_time() - c0)
+
+
+def bpe_breakdown(tok, path: Path, n: int = 20000) -> dict:
+    """Where a byte-level BPE's time goes: its regex pre-tokenizer alone (with the Python objects
+    it returns, so an upper bound on its cost), and tiktoken on the same vocabulary (ranks = ids)."""
+    import tiktoken
+
+    from megatron_llama.data.tokenizer_hf import LLAMA3_PATTERN
+    from megatron_llama.data.tokenizer_tiktoken import bytes_to_unicode
+    texts = [json.loads(line)["text"] for _, line in zip(range(n), open(path))]
+    nbytes = sum(len(t.encode()) for t in texts) / 1e6
+    c0 = time.process_time()
+    for t in texts:
+        tok.tk.pre_tokenizer.pre_tokenize_str(t)
+    pre = nbytes / (time.process_time() - c0)
+    inv = {c: b for b, c in bytes_to_unicode().items()}
+    ranks = {bytes(inv[c] for c in s): i for s, i in tok.tk.get_vocab(with_added_tokens=False).items()
+             if all(c in inv for c in s)}
+    enc = tiktoken.Encoding("bench", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    c0 = time.process_time()
+    ids = enc.encode_ordinary_batch(texts, num_threads=1)
+    tt = nbytes / (time.process_time() - c0)
+    return {"pretokenize_only_mb_s_per_cpu_s": round(pre, 2), "tiktoken_same_vocab_mb_s_per_cpu_s": round(tt, 2),
+            "tiktoken_ids_equal_on_sample": ids == tok.encode_batch(texts)}
+
+
+def kinds(target_mb: float) -> dict:
+    from megatron_llama.data.tokenizer import load_tokenizer
+    from megatron_llama.data.tokenizer_hf import train_bpe_bytelevel
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # raw encode: one core, as one worker
+    results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                     "python": platform.python_version(), "load_average_at_start": os.getloadavg()}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        stdlib = tmp / "stdlib.jsonl"
+        results["tokenizer_training_text_mb"] = round(make_corpus(stdlib, 120, site_packages=True) / 1e6, 1)
+        corpus = tmp / "shipped.jsonl"
+        results["input_mb"] = round(make_shipped_corpus(corpus, target_mb) / 1e6, 1)
+        t0 = time.perf_counter()
+        sp = train_tokenizer([str(stdlib)], str(tmp / "sp32k"), 32000, max_sentences=2_000_000)
+        results["train_s_sentencepiece_32k"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        bpe = train_bpe_bytelevel([str(stdlib)], str(tmp / "bpe128k"), 128000)
+        results["train_s_bpe_bytelevel_128k"] = round(time.perf_counter() - t0, 1)
+        for name, path in (("sentencepiece_32k", sp), ("bpe_bytelevel_128k", bpe)):
+            tok = load_tokenizer(path)
+            r = {"kind": tok.kind, "vocab_size": tok.vocab_size,
+                 "raw_encode_batch_mb_s_per_cpu_s": round(raw_batch_mbps(tok, corpus), 2)}
+            if tok.kind == "tokenizers":
+                r["breakdown"] = bpe_breakdown(tok, corpus)
+            for workers in (1, 2):
+                load = os.getloadavg()
+                c0 = cpu_seconds()
+                s = preprocess([str(corpus)], str(tmp / f"{name}-{workers}"), path, workers=workers, progress=False)
+                cpu = cpu_seconds() - c0
+                mb = s.input_bytes / 1e6
+                r[f"{workers}w"] = {"mb_s_per_cpu_s": round(mb / cpu, 2), "mb_s_wall": round(mb / s.seconds, 2),
+                                    "cpu_s": round(cpu, 1), "wall_s": round(s.seconds, 1),
+                                    "load_average_before": [round(x, 2) for x in load],
+                                    "load_average_after": [round(x, 2) for x in os.getloadavg()]}
+                r["tokens"], r["bytes_per_token"] = s.tokens, round(s.input_bytes / s.tokens, 2)
+                Path(tmp / f"{name}-{workers}.bin").unlink()
+            r["share_of_cpu_in_encode_1w"] = round(r["1w"]["mb_s_per_cpu_s"] / r["raw_encode_batch_mb_s_per_cpu_s"], 2)
+            r["target_5_mb_s_per_core_met"] = r["1w"]["mb_s_per_cpu_s"] >= 5 and r["2w"]["mb_s_per_cpu_s"] >= 5
+            results[name] = r
+            print(name, json.dumps(r), flush=True)
+    return results
+
+
 def main() -> None:
+    if "--kinds" in sys.argv:
+        results = kinds(float(os.environ.get("BENCH_MB", "205")))
+        out = ROOT / "bench" / "results" / "preprocess_throughput_kinds.json"
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results, indent=2))
+        return
     results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                      "python": platform.python_version(),
                      "load_average_at_start": round(os.getloadavg()[0], 2)}

@@ -116,8 +116,8 @@ def run_tokenizer(config: RunConfig) -> Optional[str]:
     if data.tokenizer:
         return data.tokenizer
     if data.sft and data.corpus and Path(data.corpus).is_file():
-        from megatron_llama.data.sft_build import trained_tokenizer_prefix
-        path = Path(f"{trained_tokenizer_prefix(data, config.model.vocab_size)}.model")
+        from megatron_llama.data.sft_build import trained_tokenizer_path
+        path = trained_tokenizer_path(data, config.model.vocab_size)
         return str(path) if path.is_file() else None
     if data.corpus and Path(data.corpus).is_file():
         from megatron_llama.data.build import _file_hash

@@ -2,8 +2,10 @@
 
 Output: ``model-0000i-of-0000N.safetensors`` (``metadata={"format": "pt"}``) cut at
 ``max_shard_bytes``, ``model.safetensors.index.json`` with ``total_size``, ``config.json``,
-``generation_config.json`` and, given a SentencePiece ``tokenizer.model``, the tokenizer files
-(``tokenizer.model``, ``tokenizer_config.json``, ``special_tokens_map.json``) so that
+``generation_config.json`` and the tokenizer files: for a SentencePiece ``tokenizer.model``,
+``tokenizer.model``, ``tokenizer_config.json``, ``special_tokens_map.json``; for a ``tokenizers``
+one (a tokenizer.json, or Meta's tiktoken file converted), ``tokenizer.json`` and
+``tokenizer_config.json``; so that
 ``AutoTokenizer`` and ``LlamaForCausalLM.from_pretrained`` both load the directory. The shard plan
 is made from the shapes alone, so each shard is written as soon as its last tensor arrives: one
 layer plus one output shard in memory at a time.
@@ -107,13 +109,17 @@ def write_hf_config(out: Path, cfg: ModelConfig, dtype: torch.dtype, bos_id: int
 
 def write_tokenizer(out: Path, tokenizer_model: Optional[str], max_len: int,
                     extra: Optional[dict] = None) -> Optional[str]:
-    """Copy a SentencePiece model and write the HF tokenizer files; returns a description or None.
+    """Write the HF tokenizer files of any tokenizer kind; returns a description or None.
     ``extra``: further tokenizer_config.json entries (an SFT run's ``chat_template``)."""
     if tokenizer_model is None:
         return None
     from megatron_llama.data.tokenizer import Tokenizer
     tok = Tokenizer.load(tokenizer_model)
-    shutil.copyfile(tokenizer_model, out / "tokenizer.model")
+    if tok.kind != "sentencepiece":  # tokenizer.json + tokenizer_config.json (tokenizer_hf.HFTokenizer)
+        tok.write_hf(out, max_len, extra)
+        _set_special_ids(out, tok)
+        return tok.describe()
+    shutil.copyfile(tok.path, out / "tokenizer.model")
     piece = tok.sp.id_to_piece
     special = {"bos_token": piece(tok.bos_id) if tok.bos_id >= 0 else None,
                "eos_token": piece(tok.eos_id), "unk_token": piece(tok.unk_id) if tok.unk_id >= 0 else None}
@@ -123,10 +129,16 @@ def write_tokenizer(out: Path, tokenizer_model: Optional[str], max_len: int,
             "legacy": False, "sp_model_kwargs": {}, **(extra or {})}
     (out / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    # generation_config / config.json carry the tokenizer's real BOS/EOS ids
+    _set_special_ids(out, tok)
+    return tok.describe()
+
+
+def _set_special_ids(out: Path, tok) -> None:
+    """generation_config / config.json carry the tokenizer's real BOS/EOS (and pad) ids."""
     for name in ("config.json", "generation_config.json"):
         p = out / name
         c = json.loads(p.read_text())
         c.update(bos_token_id=tok.bos_id if tok.bos_id >= 0 else None, eos_token_id=tok.eos_id)
+        if tok.pad_id >= 0:
+            c["pad_token_id"] = tok.pad_id
         p.write_text(json.dumps(c, indent=2) + "\n")
-    return tok.describe()

@@ -373,7 +373,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if cfg.train.init_from and not in_launcher:  # a tokenizer that does not fit: refused before anything is written
             from megatron_llama.checkpoint.init_tokenizer import plan_init_tokenizer
             _quiet_libraries()
-            plan_init_tokenizer(cfg)
+            plan_init_tokenizer(cfg)  # may carry the source's tokenizer into data.tokenizer
+        if not in_launcher and cfg.data.tokenizer is not None and not cfg.data.synthetic:
+            from megatron_llama.data.tokenizer import load_tokenizer  # one line now, not from 8 processes
+            load_tokenizer(cfg.data.tokenizer).check_fits(cfg.model.vocab_size)
         writable_dir(cfg.train.save_dir, "train.save_dir")  # before any step, not at the first save
         checkpoint.check_run_dir(cfg.train.save_dir)
         if not in_launcher:

@@ -35,23 +35,40 @@ def _initial_embedding(cfg):
         return LlamaModel(cfg.model, ParallelConfig(), seed=cfg.train.seed).embedding.word_embeddings.weight.detach()
 
 
-def test_train_export_generate(tmp_path, capsys):
+# The quickstart's SentencePiece tokenizer (trained by the run, TP2·DP2 ZeRO-2), and a Llama 3-style
+# byte-level BPE tokenizer.json given as data.tokenizer (one process: the layout is covered above,
+# this case adds the tokenizer.json export at the least cost).
+JOURNEYS = {
+    "sentencepiece": ["parallel.tp=2", "parallel.dp=2", "parallel.zero_stage=2"],
+    "bpe-bytelevel": ["parallel.tp=1", "parallel.dp=1"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(JOURNEYS))
+def test_train_export_generate(kind, tmp_path, capsys):
     import transformers
 
     from checkpoints_tools.convert import main
     from checkpoints_tools.verify import compare
     from megatron_llama.checkpoint.native_weights import open_native
+    from megatron_llama.data.tokenizer import load_tokenizer
 
     run = tmp_path / "run"
-    losses = _train(["model.tie_embeddings=true", "parallel.tp=2", "parallel.pp=1", "parallel.dp=2",
-                                       "parallel.zero_stage=2", "train.steps=12", f"train.save_dir={run}",
-                                       f"data.corpus={ROOT / 'data' / 'corpus.jsonl'}",
-                                       f"data.cache_dir={tmp_path / 'data'}"])
+    overrides = list(JOURNEYS[kind])
+    if kind == "bpe-bytelevel":
+        from megatron_llama.data.tokenizer_hf import train_bpe_bytelevel
+        ours = load_tokenizer(train_bpe_bytelevel([str(ROOT / "data" / "corpus.jsonl")], str(tmp_path / "bpe"), 512))
+        overrides.append(f"data.tokenizer={ours.path}")
+    losses = _train(["model.tie_embeddings=true", "parallel.pp=1", *overrides, "train.steps=12",
+                     f"train.save_dir={run}", f"data.corpus={ROOT / 'data' / 'corpus.jsonl'}",
+                     f"data.cache_dir={tmp_path / 'data'}"])
     assert losses[-1] < losses[0]
     out = tmp_path / "hf"
     assert main(["native-to-hf", str(run), str(out), "--dtype", "fp32", "--no-progress"]) == 0
     assert "verify:" in capsys.readouterr().err  # a small model is verified by default
-    assert (out / "tokenizer.model").is_file() and (out / "tokenizer_config.json").is_file()
+    tokenizer_file = "tokenizer.model" if kind == "sentencepiece" else "tokenizer.json"
+    assert (out / tokenizer_file).is_file() and (out / "tokenizer_config.json").is_file()
+    ours = load_tokenizer(out / tokenizer_file)
 
     ck = open_native(run)
     trained = ck.layer(0, pad_for_tp=1)["embedding.word_embeddings.weight"]
@@ -65,7 +82,8 @@ def test_train_export_generate(tmp_path, capsys):
 
     tok = transformers.AutoTokenizer.from_pretrained(out)
     ids = tok("The river", return_tensors="pt").input_ids
-    assert ids[0, 0].item() == tok.bos_token_id == 1
+    assert ids[0].tolist() == [ours.bos_id, *ours.encode("The river")] and tok.bos_token_id == ours.bos_id
+    assert tok.eos_token_id == ours.eos_id == model.config.eos_token_id
     gen = model.generate(ids, max_new_tokens=12, do_sample=False)
     text = tok.decode(gen[0], skip_special_tokens=True)
     print("generated:", text)

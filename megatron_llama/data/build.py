@@ -107,10 +107,7 @@ def _check_size(info: IndexInfo, seq_len: int, where: str) -> None:
 
 def _load_tokenizer(path: Optional[str], model_vocab_size: int) -> Tokenizer:
     tok = Tokenizer.load(path)
-    if tok.vocab_size > model_vocab_size:
-        raise ConfigError(f"tokenizer {path} has {tok.vocab_size} ids but model.vocab_size is "
-                          f"{model_vocab_size}: set model.vocab_size >= {tok.vocab_size} (the model "
-                          "pads its vocabulary, never the reverse)")
+    tok.check_fits(model_vocab_size)
     return tok
 
 

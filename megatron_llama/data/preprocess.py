@@ -1,7 +1,8 @@
 """JSONL corpus -> Megatron indexed dataset (``.bin``/``.idx``), EOS appended to every document.
 
 The reader (this process) cuts the input into ~1 MB chunks of lines; a pool of workers parses
-and tokenises them (SentencePiece's batch encode: one C++ call per chunk); the writer (this
+and tokenises them (the tokenizer's batch encode: one native call per chunk, one thread per
+worker, so ``workers`` is the number of cores used); the writer (this
 process again) appends their results in input order. At most ``2 * workers`` chunks are in
 flight, so memory stays flat however large the corpus. Output goes to temporary names and is
 renamed only when everything succeeded (see ``indexed.IndexedWriter``).
@@ -88,6 +89,9 @@ _TOKENIZER: Optional[Tokenizer] = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _TOKENIZER
+    # tokenizers' batch encode would start its own thread pool in every worker: the pool of
+    # workers is the parallelism (and a forked Rust pool can deadlock).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _TOKENIZER = Tokenizer.load(tokenizer_path)
 
 
@@ -156,12 +160,19 @@ def preprocess(inputs: list[str], output: str, tokenizer: str, text_key: str = "
         with IndexedWriter(output, token_dtype(tok.vocab_size)) as writer:
             chunks = read_chunks(list(map(str, inputs)), chunk_bytes)
             if workers == 1:  # in-process: no pickling, and what the per-worker benchmark measures
+                before = os.environ.get("TOKENIZERS_PARALLELISM")
                 _init_worker(tokenizer)
-                for chunk in chunks:
-                    consume(chunk, encode_chunk(chunk, text_key), writer)
+                try:
+                    for chunk in chunks:
+                        consume(chunk, encode_chunk(chunk, text_key), writer)
+                finally:
+                    if before is None:
+                        os.environ.pop("TOKENIZERS_PARALLELISM", None)
+                    else:
+                        os.environ["TOKENIZERS_PARALLELISM"] = before
             else:
                 # fork, not spawn: spawn re-runs the caller's __main__ in every worker (a training
-                # script without a main guard would recurse); workers touch only SentencePiece/numpy.
+                # script without a main guard would recurse); workers touch only the tokenizer and numpy.
                 ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
                 with ctx.Pool(workers, _init_worker, (tokenizer,)) as pool:
                     pending: deque = deque()

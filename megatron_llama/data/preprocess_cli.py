@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, metavar="FILE",
                     help="JSONL files, plain, .gz or .zst, one document per line")
-    ap.add_argument("--tokenizer", required=True, help="SentencePiece .model (mllama-tokenizer train)")
+    ap.add_argument("--tokenizer", required=True, help="tokenizer.model (SentencePiece, or Meta's Llama 3), tokenizer.json, or "
+                         "a model directory holding one (mllama-tokenizer train)")
     ap.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
     ap.add_argument("--text-key", default="text", help="JSON field holding the text (default: text)")
     ap.add_argument("--workers", type=int, default=None, help="tokenising processes (default: all cores)")

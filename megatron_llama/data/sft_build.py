@@ -33,9 +33,12 @@ def _hash(path: str) -> str:
 
 
 def _train_chat_tokenizer(corpus: str, prefix: Path, vocab: int, template) -> str:
-    """A tokenizer trained on the conversations as the model will see them (markup included)."""
+    """A tokenizer trained on the conversations as the model will see them (markup included):
+    SentencePiece (``prefix.model``) for llama2, a byte-level BPE with Llama 3's special tokens
+    (``prefix/tokenizer.json``) for llama3 (``template.trained_kind``)."""
     from .jsonl import iter_lines
-    from .tokenizer import train_tokenizer
+    from .tokenizer_hf import train_bpe_bytelevel
+    from .tokenizer_sp import train_tokenizer
     text = prefix.parent / f".{prefix.name}-{os.getpid()}.txt"  # .txt: read as plain lines
     text.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -47,6 +50,8 @@ def _train_chat_tokenizer(corpus: str, prefix: Path, vocab: int, template) -> st
                 except TemplateError:
                     continue  # a bad record: preprocessing reports it
                 f.write(template_text(messages, template) + "\n")
+        if template.trained_kind == "bpe-bytelevel":
+            return train_bpe_bytelevel([str(text)], str(prefix), vocab)
         return train_tokenizer([str(text)], str(prefix), vocab)
     finally:
         text.unlink(missing_ok=True)
@@ -59,6 +64,14 @@ def trained_tokenizer_prefix(data: DataConfig, model_vocab_size: int) -> Path:
     return Path(data.cache_dir) / f"tokenizer-sft-{_hash(data.corpus)}-{data.chat_template}-v{vocab}"
 
 
+def trained_tokenizer_path(data: DataConfig, model_vocab_size: int) -> Path:
+    """The file ``_train_chat_tokenizer`` writes for this run's template."""
+    prefix = trained_tokenizer_prefix(data, model_vocab_size)
+    if chat_template(data.chat_template).trained_kind == "bpe-bytelevel":
+        return prefix / "tokenizer.json"
+    return Path(f"{prefix}.model")
+
+
 def _prepare_corpus(data: DataConfig, model_vocab_size: int) -> tuple[str, str]:
     corpus, cache = data.corpus, Path(data.cache_dir)
     key = _hash(corpus)
@@ -66,7 +79,7 @@ def _prepare_corpus(data: DataConfig, model_vocab_size: int) -> tuple[str, str]:
     tokenizer = data.tokenizer
     if tokenizer is None:
         prefix = trained_tokenizer_prefix(data, model_vocab_size)
-        tokenizer = f"{prefix}.model"
+        tokenizer = str(trained_tokenizer_path(data, model_vocab_size))
         if not Path(tokenizer).is_file():
             _train_chat_tokenizer(corpus, prefix, data.vocab_size or model_vocab_size, template)
     from .tokenizer import Tokenizer

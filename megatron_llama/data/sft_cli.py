@@ -18,7 +18,10 @@ records (one JSON object per line):
 
 chat template (--chat-template llama2, the default; Llama 2's chat format):
   <s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s><s>[INST] {user 2} [/INST] ...
-The loss is taken on answer tokens and the EOS after each answer only. The same template is
+--chat-template llama3 (Llama 3's; needs a tokenizer with its special tokens, e.g. a Llama 3
+tokenizer.json or `mllama-tokenizer train --kind bpe-bytelevel`):
+  <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|><|start_header_id|>assistant...
+The loss is taken on answer tokens and the EOS (llama3: <|eot_id|>) after each answer only. The same template is
 written into an exported model's tokenizer_config.json (chat_template).
 
 Output: PREFIX.bin/.idx (tokens: the Megatron format), PREFIX.lossmask.bin/.idx (uint8 answer
@@ -32,7 +35,7 @@ template markup, too long with --seq-len and --overlong drop) are skipped, liste
 def add_sft_arguments(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("supervised fine-tuning (--sft)")
     g.add_argument("--sft", action="store_true", help="records are prompt/response or chat messages")
-    g.add_argument("--chat-template", default="llama2", help="conversation format (default: llama2)")
+    g.add_argument("--chat-template", default="llama2", help="conversation format: llama2 (default) or llama3")
     g.add_argument("--prompt-key", default="prompt", help="field of a one-turn record's question (default: prompt)")
     g.add_argument("--response-key", default="response", help="its answer (default: response)")
     g.add_argument("--system-key", default="system", help="its optional system prompt (default: system)")

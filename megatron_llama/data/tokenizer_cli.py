@@ -19,6 +19,12 @@ examples:
   mllama-tokenizer info runs/tok.model
   mllama-tokenizer info Meta-Llama-3-8B/
 
+  # continual pretraining on a new language (Swallow): learn its tokens, append them (old ids unchanged):
+  mllama-tokenizer extend Llama-2-7b/tokenizer.model --input ja.jsonl --vocab-size 43176 --output tok/llama2-ja
+  mllama-tokenizer extend Meta-Llama-3-8B/ --input ja.jsonl --vocab-size 160000 --output tok/llama3-ja
+  # or merge in the new tokens of a second tokenizer of the same kind and layout:
+  mllama-tokenizer extend tok/base.model --merge tok/ja.model --output tok/merged
+
 kinds:
   sentencepiece (default): LLaMA 1/2's settings: BPE, digits split, byte fallback (any UTF-8
     round-trips, nothing is <unk>), no normalisation or whitespace folding, unk=0 bos=1 eos=2,
@@ -52,9 +58,26 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="kind, vocab size, special ids and checksum of a tokenizer")
     info.add_argument("model", help="a tokenizer.model, tokenizer.json, or a directory holding one")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    ext = sub.add_parser("extend", help="append new tokens (from a corpus, or a second tokenizer); old ids unchanged",
+                         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ext.add_argument("base", help="the tokenizer to extend (tokenizer.model, tokenizer.json, or its directory)")
+    src = ext.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", nargs="+", metavar="FILE", help="learn new tokens from these JSONL/.txt files")
+    src.add_argument("--merge", metavar="TOKENIZER", help="append the tokens of this tokenizer that the base lacks")
+    ext.add_argument("--vocab-size", type=int,
+                     help="size of the extended tokenizer (required with --input; with --merge: a cap)")
+    ext.add_argument("--output", required=True, metavar="PREFIX|DIR",
+                     help="sentencepiece: writes PREFIX.model; tokenizer.json kinds: writes DIR/tokenizer.json "
+                          "and DIR/tokenizer_config.json")
+    ext.add_argument("--text-key", default="text", help="JSON field holding the text (default: text)")
     args = ap.parse_args(argv)
     from .tokenizer import load_tokenizer  # after --help: keeps it instant
     try:
+        if args.cmd == "extend":
+            from .tokenizer_extend import extend_tokenizer
+            print(extend_tokenizer(args.base, args.output, inputs=args.input, merge=args.merge,
+                                   vocab_size=args.vocab_size, text_key=args.text_key).describe())
+            return 0
         if args.cmd == "train":
             if args.kind == "bpe-bytelevel":
                 from .tokenizer_hf import train_bpe_bytelevel

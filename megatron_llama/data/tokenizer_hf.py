@@ -53,7 +53,7 @@ class HFTokenizer(Tokenizer):
     kind = "tokenizers"
 
     def __init__(self, tokenizer_json: str, special: dict, path: str, config: Optional[dict] = None,
-                 checksum: Optional[str] = None):
+                 checksum: Optional[str] = None, require_eos: bool = True):
         from tokenizers import Tokenizer as RustTokenizer
         self.tokenizer_json, self.path = tokenizer_json, path
         self.tk = tk = RustTokenizer.from_str(tokenizer_json)
@@ -71,7 +71,7 @@ class HFTokenizer(Tokenizer):
             ids[role] = i
         self.bos_id, self.eos_id = ids["bos_token"], ids["eos_token"]
         self.pad_id, self.unk_id = ids["pad_token"], ids["unk_token"]
-        if self.eos_id < 0:
+        if self.eos_id < 0 and require_eos:
             raise ConfigError(f"tokenizer {path} has no eos_token in tokenizer_config.json: documents could not "
                               "be separated; add \"eos_token\" there")
         tk.encode_special_tokens = True  # see the module docstring
