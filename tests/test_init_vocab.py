@@ -7,8 +7,8 @@ the old tokens equal the source model's (transformers, rel 1e-5), and then the l
 corpus that uses the new tokens (the shipped configs/continual-tiny-cpu.yaml, real DeepSpeed
 engines on gloo ranks).
 
-The extension is built here with SentencePiece's model proto (new USER_DEFINED pieces appended,
-existing ids untouched), the same shape of file as ``mllama-tokenizer extend`` writes.
+The extension is made by ``mllama-tokenizer extend``'s function (25 new merges learned from the shipped
+corpus, appended after the existing ids).
 """
 from __future__ import annotations
 
@@ -24,21 +24,7 @@ from test_model_parity import hf_reference, rel_err
 
 ROOT = Path(__file__).resolve().parent.parent
 OLD_VOCAB = 400
-NEW_WORDS = ["question", "answer", "because", "through", "between", "important", "different", "another",
-             "people", "during", "system", "number", "without", "should", "world", "which", "their", "about",
-             "would", "there", "these", "other", "after", "first", "where"]
-NEW_VOCAB = OLD_VOCAB + len(NEW_WORDS)   # 425: padded to 426 at TP2, one zero padding row
-
-
-def _extend(old: str, out: Path, words) -> str:
-    from sentencepiece import sentencepiece_model_pb2 as pb
-    m = pb.ModelProto()
-    m.ParseFromString(Path(old).read_bytes())
-    for w in words:
-        p = m.pieces.add()
-        p.piece, p.score, p.type = w, 0.0, pb.ModelProto.SentencePiece.USER_DEFINED
-    out.write_bytes(m.SerializeToString())
-    return str(out)
+NEW_VOCAB = OLD_VOCAB + 25   # 425: padded to 426 at TP2, one zero padding row
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +39,8 @@ def source(tmp_path_factory):
     tok = train_tokenizer([corpus], str(d / "tok"), OLD_VOCAB, max_sentences=5000)
     shutil.copyfile(ROOT / "data" / "instructions.jsonl", d / "other.txt")  # other text: other merges
     other = train_tokenizer([str(d / "other.txt")], str(d / "other"), OLD_VOCAB, max_sentences=5000)
-    ext = _extend(tok, d / "extended.model", NEW_WORDS)
+    from megatron_llama.data.tokenizer_extend import extend_tokenizer
+    ext = extend_tokenizer(tok, str(d / "extended"), inputs=[corpus], vocab_size=NEW_VOCAB, max_sentences=5000).output
     cfg = preset("tiny", vocab_size=OLD_VOCAB)
     hf = hf_reference(cfg, "llama", seed=21)
     hf.save_pretrained(d / "hf")
@@ -82,7 +69,8 @@ def test_extension_check_and_carry(source):
     old, ext, other = (Tokenizer.load(source[k]) for k in ("tok", "ext", "other"))
     assert extends(old, ext) is None and extends(ext, old) is not None
     assert extends(old, other).startswith("id ")
-    assert all(ext.encode(w)[-1] >= OLD_VOCAB for w in NEW_WORDS)  # the corpus words become new tokens
+    first = (ROOT / "data" / "corpus.jsonl").read_text().splitlines()[0]
+    assert ext.vocab_size == NEW_VOCAB and max(ext.encode(first)) >= OLD_VOCAB  # the corpus uses new tokens
     plan = plan_init_tokenizer(load_config(ROOT / "configs" / "continual-tiny-cpu.yaml", _continual(source, 2)))
     assert plan.source_vocab == OLD_VOCAB and "400 -> 425 rows" in plan.line
     # issue 18: no data.tokenizer -> the source's is carried, for a native source and an HF one
@@ -177,7 +165,7 @@ def test_continual_pretraining_from_hf_with_extended_vocab(source, dist_pool):
         assert ours.shape == (426, 64)                       # 425 padded to a multiple of TP2
         assert torch.equal(ours[:OLD_VOCAB], theirs)         # the source's rows, bitwise, at TP2
         mean = theirs.double().mean(0).float()
-        assert torch.allclose(ours[OLD_VOCAB:NEW_VOCAB], mean.expand(len(NEW_WORDS), -1), rtol=0, atol=1e-7)
+        assert torch.allclose(ours[OLD_VOCAB:NEW_VOCAB], mean.expand(NEW_VOCAB - OLD_VOCAB, -1), rtol=0, atol=1e-7)
         assert not ours[NEW_VOCAB:].any()                    # padding row zero
     with torch.no_grad():
         ref = hf(tokens).logits
