@@ -109,17 +109,19 @@ def hf_to_native(args) -> int:
     dtype = choose_dtype(args.dtype, weights.dtypes(), args.hf_dir)
     _write_converted(args, run_cfg, hf_layers(weights, cfg, args.tp, dtype), dtype, f"hf:{Path(args.hf_dir).resolve()}")
     if _should_verify(args, cfg):
-        return _verify_paths(args.hf_dir, args.out, tolerance=_tolerance(dtype))
+        return _verify_paths(args.hf_dir, args.out)
     return 0
 
 
 def meta_to_native(args) -> int:
     from .meta import MetaCheckpoint
     check_output(Path(args.out), args.force)
-    meta = MetaCheckpoint(args.meta_dir, vocab_size=args.vocab_size)
+    meta = MetaCheckpoint(args.meta_dir, vocab_size=args.vocab_size, rope_scaling_factor=args.rope_scaling_factor)
     cfg = meta.config
     par = _check_layout(cfg, args.tp, args.pp)
-    run_cfg = RunConfig(model=cfg, parallel=par, data=DataConfig(tokenizer=_check_tokenizer(args.tokenizer, cfg)))
+    tok = args.tokenizer or (str(Path(args.meta_dir) / "tokenizer.model")
+                             if (Path(args.meta_dir) / "tokenizer.model").is_file() else None)
+    run_cfg = RunConfig(model=cfg, parallel=par, data=DataConfig(tokenizer=_check_tokenizer(tok, cfg)))
     dtype = choose_dtype(args.dtype, meta.dtypes, args.meta_dir)
     _write_converted(args, run_cfg, meta.layers(args.tp, dtype), dtype, f"meta:{Path(args.meta_dir).resolve()}")
     return 0
@@ -182,7 +184,7 @@ def native_to_hf(args) -> int:
     _say(f"  tokenizer: {described}" if described else
          "  tokenizer: none recorded for this run (synthetic data?): pass --tokenizer tokenizer.model to include one")
     if _should_verify(args, cfg):
-        return _verify_paths(str(ck.path), args.out, tolerance=_tolerance(dtype, ck))
+        return _verify_paths(str(ck.path), args.out)
     return 0
 
 
@@ -190,16 +192,16 @@ def _should_verify(args, cfg: ModelConfig) -> bool:
     return args.verify == "yes" or (args.verify == "auto" and cfg.num_params() < VERIFY_AUTO_MAX_PARAMS)
 
 
-def _tolerance(dtype: torch.dtype, ck=None) -> float:
-    return 1e-4 if dtype == torch.float32 else 5e-2
-
-
-def _verify_paths(a: str, b: str, tolerance: Optional[float], tokens: int = 32) -> int:
+def _verify_paths(a: str, b: str, tolerance: Optional[float] = None, tokens: Optional[int] = None) -> int:
+    """Exit status 1 when the logits differ by more than ``tolerance`` (None: the dtype-aware bound, verify.py)."""
     from .verify import compare
     report = compare(a, b, tokens)
+    if tolerance is not None:
+        report.bound, report.why = tolerance, "--tolerance"
     _say(report.describe())
-    if tolerance is not None and report.max_rel > tolerance:
-        _say(f"error: logits of {a} and {b} differ by {report.max_rel:.2e} (relative) > {tolerance:.0e}")
+    if not report.ok:
+        _say(f"error: logits of {a} and {b} differ by {report.max_rel:.2e} (relative) > {report.bound:.0e}: "
+             "they are not the same model")
         return 1
     return 0
 

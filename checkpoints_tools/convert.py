@@ -11,6 +11,7 @@ Examples:
 
     # Meta's original consolidated.NN.pth + params.json -> native
     mllama-convert meta-to-native llama-2-7b/ ckpt/llama2-7b-tp1 --tp 1 --pp 1 --tokenizer llama-2-7b/tokenizer.model
+    mllama-convert meta-to-native Llama3.1-8B/ ckpt/llama3.1-8b --tp 2 --pp 2   # tiktoken tokenizer.model beside it
 
     # continue a run at another layout, with its optimizer state (then train.save_dir=OUT)
     mllama-convert reshard runs/llama-7b runs/llama-7b-tp4 --tp 4 --pp 1 --dp 2
@@ -88,16 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("meta-to-native", help="Meta params.json + consolidated.NN.pth -> native checkpoint",
-                       description="Convert Meta's original LLaMA / Llama 2 checkpoint (model-parallel shards "
-                       "consolidated.NN.pth + params.json) to a weights-only native checkpoint. q/k rows are "
-                       "permuted from Meta's interleaved rotary pairs to rotate-half.",
+                       description="Convert Meta's original LLaMA / Llama 2 / Llama 3.x checkpoint (model-parallel "
+                       "shards consolidated.NN.pth + params.json, use_scaled_rope read as llama3 RoPE scaling) to a "
+                       "weights-only native checkpoint. q/k rows are permuted from Meta's interleaved rotary pairs "
+                       "to rotate-half.",
                        epilog="example: mllama-convert meta-to-native llama-2-7b ckpt/7b --tp 2 --pp 2 "
                               "--tokenizer tokenizer.model")
     p.add_argument("meta_dir")
     p.add_argument("out")
     _layout(p)
-    p.add_argument("--tokenizer", help="tokenizer.model (Meta ships it next to the model directory)")
+    p.add_argument("--tokenizer", help="tokenizer.model: SentencePiece (LLaMA 1/2) or tiktoken (Llama 3) "
+                   "(default: META_DIR/tokenizer.model when it is there)")
     p.add_argument("--vocab-size", type=int, default=None, help="when params.json says vocab_size -1 (LLaMA-1)")
+    p.add_argument("--rope-scaling-factor", type=float, default=None,
+                   help="Llama 3.1+ params.json with use_scaled_rope but no rope_scaling_factor: 8 for Llama 3.1 / "
+                        "3.3, 32 for Llama 3.2 1B/3B")
     _common(p, verify=False)  # no second implementation to compare with: the tests pin it to a reference
 
     from .reshard import EXAMPLES as reshard_examples, add_arguments as reshard_arguments
@@ -114,12 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensors", action="store_true", help="list every parameter (shape, TP split, dtype)")
 
     p = sub.add_parser("verify", help="same tokens through two checkpoints (native or HF): logit differences",
+                       description="Run the same fixed tokens through A and B (fp32, CPU, TP 1) and compare the "
+                       "logits; exit status 1 when they differ by more than the bound (relative to the largest "
+                       "logit): 1e-5 when both store weights in the same dtype, 3e-2 (bf16) or 5e-3 (fp16) when "
+                       "one side holds rounded copies of the other's.",
                        epilog="example: mllama-convert verify runs/tiny-cpu-3d hf/tiny --tokens 64")
     p.add_argument("a")
     p.add_argument("b")
-    p.add_argument("--tokens", type=int, default=32, help="sequence length of the fixed input (default 32)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="sequence length of the fixed input (default 32; with RoPE scaling twice the original "
+                        "context, so the scaled frequencies are reached)")
     p.add_argument("--tolerance", type=float, default=None,
-                   help="fail (exit 1) when the max relative logit difference exceeds it")
+                   help="fail (exit 1) when the max relative logit difference exceeds it (default: the "
+                        "dtype-aware bound above)")
     return parser
 
 

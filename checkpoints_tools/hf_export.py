@@ -119,6 +119,10 @@ def write_hf_config(out: Path, cfg: ModelConfig, dtype: torch.dtype, bos_id: int
             "attention_bias": cfg.qkv_bias, "mlp_bias": False, "head_dim": cfg.head_dim,
             "bos_token_id": bos_id, "eos_token_id": eos_id, "use_cache": True,
             "torch_dtype": str(dtype).replace("torch.", "")}
+    # transformers 5 reads rope_parameters (theta inside); older versions read rope_theta / rope_scaling
+    conf["rope_theta"] = cfg.rope_theta
+    if cfg.rope_scaling is not None:
+        conf["rope_scaling"] = cfg.rope_scaling.hf_parameters()
     if cfg.head == "score":  # a reward model: one scalar label (model/score_head.py)
         conf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, tie_word_embeddings=False)
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")

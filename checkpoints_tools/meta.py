@@ -1,4 +1,12 @@
-"""Meta's original LLaMA / Llama 2 checkpoints: ``params.json`` + ``consolidated.NN.pth`` (one per MP rank).
+"""Meta's original LLaMA / Llama 2 / Llama 3 checkpoints: ``params.json`` + ``consolidated.NN.pth`` (one per MP rank).
+
+Llama 3.x ``params.json`` adds ``n_kv_heads``, ``rope_theta`` (5e5), ``ffn_dim_multiplier`` /
+``multiple_of`` and ``use_scaled_rope``: Meta's reference code then rescales the rotary frequencies
+with low_freq_factor 1, high_freq_factor 4 and an original context of 8192, by a factor that the
+file does not always say (8 for Llama 3.1 / 3.3, 32 for Llama 3.2 1B/3B): ``rope_scaling_factor``
+when present, else ``--rope-scaling-factor``, else refused. Without ``output.weight`` the head is
+tied to the embedding (Llama 3.2 1B/3B). Every params.json key is read or refused, and every shard's
+tensor shapes are checked against params.json before anything is written.
 
 How Meta splits tensors over its model-parallel shards: ``wq``, ``wk``, ``wv``, ``w1``, ``w3`` and
 ``output`` on dim 0; ``wo`` and ``w2`` on dim 1; the token embedding on dim 1 (LLaMA-1/2; dim 0 when
@@ -38,8 +46,32 @@ def interleaved_to_halves(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.view(heads, rows // heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+# Meta's Llama 3.1 constants (its apply_scaling): only the factor varies between releases.
+LLAMA3_ROPE = dict(type="llama3", low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+_PARAMS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps",
+           "rope_theta", "use_scaled_rope", "rope_scaling_factor", "max_seq_len", "max_batch_size"}
+
+
+def meta_rope(params: dict, where: str, factor: Optional[float]) -> Optional[dict]:
+    """``model.rope_scaling`` of a params.json (None without ``use_scaled_rope``)."""
+    if not params.get("use_scaled_rope"):
+        if params.get("rope_scaling_factor") is not None:
+            raise ConfigError(f"{where}: rope_scaling_factor without use_scaled_rope: set use_scaled_rope true or "
+                              "remove it")
+        return None
+    in_file = params.get("rope_scaling_factor")
+    if in_file is not None and factor is not None and float(in_file) != factor:
+        raise ConfigError(f"{where} says rope_scaling_factor {in_file} but --rope-scaling-factor is {factor}: "
+                          "drop the flag")
+    factor = in_file if in_file is not None else factor
+    if factor is None:
+        raise ConfigError(f"{where} has use_scaled_rope but no rope_scaling_factor: pass --rope-scaling-factor 8 "
+                          "(Llama 3.1 / 3.3) or 32 (Llama 3.2 1B/3B)")
+    return dict(LLAMA3_ROPE, factor=float(factor))
+
+
 class MetaCheckpoint:
-    def __init__(self, meta_dir: str, vocab_size: Optional[int] = None):
+    def __init__(self, meta_dir: str, vocab_size: Optional[int] = None, rope_scaling_factor: Optional[float] = None):
         self.dir = Path(meta_dir)
         if not (self.dir / "params.json").is_file():
             raise ConfigError(f"{meta_dir} has no params.json: pass Meta's model directory (params.json + "
@@ -59,26 +91,58 @@ class MetaCheckpoint:
         emb = self.shards[0]["tok_embeddings.weight"] if "tok_embeddings.weight" in self.shards[0] else None
         if emb is None:
             raise ConfigError(f"{meta_dir}/consolidated.00.pth has no tok_embeddings.weight: not a Meta LLaMA shard")
-        n, dim = len(self.shards), params["dim"]
+        where = f"{meta_dir}/params.json"
+        unknown = sorted(set(params) - _PARAMS)
+        if unknown:
+            raise ConfigError(f"{where}: key {unknown[0]}={params[unknown[0]]!r} is not understood by this converter "
+                              "(it may change the model's math)")
+        n, dim = len(self.shards), params.get("dim")
         self.emb_dim = 1 if (n > 1 and emb.shape[1] * n == dim) else 0
         vocab = params.get("vocab_size", -1)
         if vocab is None or vocab < 0:
             vocab = vocab_size or emb.shape[0] * (n if self.emb_dim == 0 else 1)
+        tied = "output.weight" not in self.shards[0]  # Llama 3.2 1B/3B
+        scaled = meta_rope(params, where, rope_scaling_factor)
         try:
             self.config = ModelConfig(name="meta", hidden_size=dim, num_layers=params["n_layers"],
                                       num_attention_heads=params["n_heads"],
                                       num_kv_heads=params.get("n_kv_heads") or params["n_heads"],
                                       multiple_of=params.get("multiple_of", 256),
                                       ffn_dim_multiplier=params.get("ffn_dim_multiplier"), vocab_size=vocab,
-                                      max_seq_len=params.get("max_seq_len", 4096), norm_eps=params.get("norm_eps", 1e-6),
-                                      rope_theta=float(params.get("rope_theta", 10000.0)))
-        except KeyError as e:
-            raise ConfigError(f"{meta_dir}/params.json lacks {e}: not a LLaMA params.json") from None
+                                      max_seq_len=params.get("max_seq_len", 131072 if scaled else 4096),
+                                      norm_eps=params.get("norm_eps", 1e-6),
+                                      rope_theta=float(params.get("rope_theta", 10000.0)), rope_scaling=scaled,
+                                      tie_embeddings=tied)
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"{where} lacks {e}: not a LLaMA params.json") from None
         self.dtypes = {t.dtype for s in self.shards for k, t in s.items() if k != "rope.freqs" and torch.is_tensor(t)}
-        want = {"tok_embeddings.weight", "norm.weight", "output.weight"} | {
+        want = {"tok_embeddings.weight", "norm.weight"} | ({"output.weight"} if not tied else set()) | {
             f"layers.{i}.{k}.weight" for i in range(self.config.num_layers) for k in _TO_HF}
         for r, s in enumerate(self.shards):
             check_key_set({k for k in s if k != "rope.freqs"}, want, f"{meta_dir}/consolidated.{r:02d}.pth")
+            self._check_shapes(s, f"{meta_dir}/consolidated.{r:02d}.pth")
+
+    def _check_shapes(self, shard: dict, what: str) -> None:
+        """Each tensor of one shard against the shape params.json implies (split over the shards)."""
+        c, n = self.config, len(self.shards)
+        d, h, f = c.hidden_size, c.head_dim, c.ffn_hidden_size
+        full = {"tok_embeddings": (c.vocab_size, d), "output": (c.vocab_size, d), "norm": (d,),
+                "wq": (c.num_attention_heads * h, d), "wk": (c.num_kv_heads * h, d), "wv": (c.num_kv_heads * h, d),
+                "wo": (d, c.num_attention_heads * h), "w1": (f, d), "w3": (f, d), "w2": (d, f),
+                "attention_norm": (d,), "ffn_norm": (d,)}
+        for key, t in shard.items():
+            if key == "rope.freqs":
+                continue
+            short = key.rsplit(".", 2)[-2]
+            want = list(full[short])
+            split = self.emb_dim if short == "tok_embeddings" else 0 if short in _DIM0 else 1 if short in _DIM1 else None
+            if split is not None and n > 1:
+                want[split] = want[split] // n if want[split] % n == 0 else -1
+            if tuple(t.shape) != tuple(want):
+                raise ConfigError(
+                    f"{what}: {key} has shape {tuple(t.shape)} but params.json (dim {d}, n_heads "
+                    f"{c.num_attention_heads}, n_kv_heads {c.num_kv_heads}, ffn {f}, vocab {c.vocab_size}, {n} "
+                    f"shards) implies {tuple(want)}: params.json disagrees with the tensors")
 
     def _full(self, key: str) -> torch.Tensor:
         parts = [s[key] for s in self.shards]
@@ -99,7 +163,7 @@ class MetaCheckpoint:
         if layer == "final_norm":
             return {"model.norm.weight": self._full("norm.weight")}
         if layer == "head":
-            return {"lm_head.weight": self._full("output.weight")}
+            return {} if c.tie_embeddings else {"lm_head.weight": self._full("output.weight")}
         out = {}
         for ours, hf in _TO_HF.items():
             w = self._full(f"{layer}.{ours}.weight")

@@ -323,19 +323,23 @@ def _init_from(cfg: RunConfig, layout, save: bool):
         return None, None
     from megatron_llama import checkpoint
     from megatron_llama.checkpoint.init_from import describe_source, load_initial_weights
+    from megatron_llama.checkpoint.init_tokenizer import plan_init_tokenizer
+    # also when resuming: the run keeps the source's tokenizer (data.tokenizer is set to it when unset)
+    plan = plan_init_tokenizer(cfg)
     if save and checkpoint.latest(cfg.train.save_dir) is not None:
         return None, f"train.init_from={spec} ignored: resuming from {cfg.train.save_dir}"
 
     def load(module):
         from megatron.core import parallel_state
         load_initial_weights(module, cfg.model, spec, parallel_state.get_tensor_model_parallel_rank(),
-                             layout.tp, pipelined=layout.pp > 1)
+                             layout.tp, pipelined=layout.pp > 1, source_vocab=plan.source_vocab,
+                             new_rows=cfg.train.init_new_rows, seed=cfg.train.seed)
     line = f"initialised from {describe_source(spec)}: weights only, fresh optimizer, step 0"
     if cfg.model.head == "score":
         from megatron_llama.checkpoint.init_from import source_head
         line += ("; score head from it" if source_head(spec) == "score" else
                  "; score head drawn from train.seed (the source has an LM head, not used)")
-    return load, line
+    return load, line + (f"\n  {plan.line}" if plan.line else "")
 
 
 def _write_summary(cfg: RunConfig, layout, summary: TrainSummary, total_s: float, lines: list[str]) -> None:
@@ -399,6 +403,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if cfg.train.precision == "fp8":  # refuse before any process starts
             from megatron_llama.model import fp8
             fp8.check_supported()
+        if cfg.train.init_from and not in_launcher:  # a tokenizer that does not fit: refused before anything is written
+            from megatron_llama.checkpoint.init_tokenizer import plan_init_tokenizer
+            _quiet_libraries()
+            plan_init_tokenizer(cfg)  # may carry the source's tokenizer into data.tokenizer
         if not in_launcher and cfg.data.tokenizer is not None and not cfg.data.synthetic:
             from megatron_llama.data.tokenizer import load_tokenizer  # one line now, not from 8 processes
             load_tokenizer(cfg.data.tokenizer).check_fits(cfg.model.vocab_size)

@@ -175,6 +175,91 @@ def test_exact_counts_of_released_checkpoints():
     assert preset("llama2-70b").ffn_hidden_size == 28672  # 1.3 * 8/3 * 8192, multiple of 4096
 
 
+# Llama 3 family: totals of the tensors of the released HF checkpoints (the model cards' 8B, 70B,
+# 405B, 1.23B, 3.21B), and the shape details that make them.
+LLAMA3 = {"llama3-8b": 8_030_261_248, "llama3.1-8b": 8_030_261_248, "llama3-70b": 70_553_706_496,
+          "llama3.1-70b": 70_553_706_496, "llama3.3-70b": 70_553_706_496, "llama3.1-405b": 405_853_388_800,
+          "llama3.2-1b": 1_235_814_400, "llama3.2-3b": 3_212_749_824}
+
+
+@pytest.mark.parametrize("name", list(LLAMA3))
+def test_llama3_presets_match_model_cards(name):
+    c = preset(name)
+    assert c.num_params() == LLAMA3[name], (name, c.num_params())
+    assert (c.vocab_size, c.num_kv_heads, c.rope_theta) == (128256, 8, 500000.0)
+    assert c.ffn_hidden_size == {"8b": 14336, "70b": 28672, "405b": 53248, "1b": 8192, "3b": 8192}[name.split("-")[1]]
+    assert c.tie_embeddings == name.startswith("llama3.2")
+    if name.startswith("llama3-"):
+        assert c.rope_scaling is None and c.max_seq_len == 8192
+    else:
+        s = c.rope_scaling
+        assert (s.type, s.factor, s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings) == (
+            "llama3", 32.0 if name.startswith("llama3.2") else 8.0, 1.0, 4.0, 8192) and c.max_seq_len == 131072
+
+
+ROPE = "{type: llama3, factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 64}"
+
+
+def test_rope_scaling_from_yaml_override_and_round_trip():
+    cfg = load_config(None, ["model.preset=tiny", f"model.rope_scaling={ROPE}"])
+    s = cfg.model.rope_scaling
+    assert s.type == "llama3" and s.factor == 8.0 and isinstance(s.factor, float)
+    assert s.original_max_position_embeddings == 64
+    back = config_from_dict(config_to_dict(cfg))  # run.json keeps it
+    assert back.model.rope_scaling == s
+    assert load_config(None, ["model.preset=llama3.1-8b", "model.rope_scaling=null"]).model.rope_scaling is None
+
+
+@pytest.mark.parametrize("value, words", [
+    ("{type: llama3, factor: 8, low_freq_factor: 1, high_freq_factor: 4}",
+     "model.rope_scaling (llama3) lacks original_max_position_embeddings"),
+    ("{type: linear}", "model.rope_scaling (linear) lacks factor"),
+    ("{type: yarn, factor: 4}", "model.rope_scaling (yarn) lacks original_max_position_embeddings"),
+    ("{type: dynamic, factor: 2}", "model.rope_scaling.type='dynamic' is not supported"),
+    ("{type: linear, factor: 2, low_freq_factor: 1}", "model.rope_scaling.low_freq_factor is not used by linear"),
+    ("{type: linear, factor: 2, scale: 1}", "unknown key model.rope_scaling.scale"),
+    ("{type: linear, factor: two}", "model.rope_scaling.factor: expected a number"),
+    ("llama3", "model.rope_scaling must be a mapping"),
+])
+def test_rope_scaling_errors(value, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.preset=tiny", f"model.rope_scaling={value}"])
+    assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("params", [
+    None,
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+    {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 2.0, "high_freq_factor": 3.0,
+     "original_max_position_embeddings": 100},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 16.0,
+     "beta_slow": 2.0, "mscale": 1.0, "mscale_all_dim": 0.5, "truncate": False},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "attention_factor": 1.5},
+])
+def test_rope_tables_equal_transformers(params):
+    """cos/sin tables (fp32) equal transformers' LlamaRotaryEmbedding bitwise for every scaling kind,
+    including yarn's attention factor; theta 5e5, head_dim 32, 256 positions (4x the original context)."""
+    import torch
+    import transformers
+
+    from megatron_llama.config.model import RopeScaling
+    from megatron_llama.model.rotary import RotaryEmbedding
+    hf_cfg = transformers.LlamaConfig(hidden_size=128, num_attention_heads=4, max_position_embeddings=256,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 5e5, **(params or {})})
+    hf = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf_cfg)
+    x = torch.zeros(1, 256, 32)
+    cos, sin = hf(x, torch.arange(256)[None])
+    scaling = None if params is None else RopeScaling.from_dict(
+        {"type": params["rope_type"], **{k: v for k, v in params.items() if k != "rope_type"}})
+    ours = RotaryEmbedding(32, 256, 5e5, scaling=scaling)
+    assert torch.equal(ours.cos, cos[0]) and torch.equal(ours.sin, sin[0])
+    if params is not None:  # the scaling changes the tables: the test would see it dropped
+        assert not torch.equal(ours.cos, RotaryEmbedding(32, 256, 5e5).cos)
+
+
 @settings(max_examples=40, deadline=None)
 @given(head_dim=st.sampled_from([2, 4, 8, 16]), kv_heads=st.integers(1, 4), groups=st.integers(1, 3),
        layers=st.integers(1, 3), vocab=st.integers(3, 700), multiple_of=st.sampled_from([1, 8, 32, 256]),

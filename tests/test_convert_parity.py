@@ -7,6 +7,11 @@ layout starts from the files (``train.init_from``) and its logits must equal the
 1e-5 (relative, fp32) for the plain, GQA, QKV-bias and tied shapes. The same files also load through
 DeepSpeed's own ``load_checkpoint(load_module_only=True)`` (the writer writes what DeepSpeed reads),
 and a checkpoint the engine then saves itself (real PipelineModule layer files) reads back bitwise.
+
+Llama 3 shapes (``LLAMA3_CASES``) run the same path at TP1, TP2 and TP2·PP2 on a sequence 2.5x the
+original context, so llama3 RoPE scaling (theta 5e5) stretches the low frequencies there: a Llama
+3.1-shaped tiny (GQA, vocabulary 70001 > 65535, padded at TP2) and a Llama 3.2-shaped tiny (tied,
+scaling factor 32). The same files with the scaling removed from config.json must miss the bound.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_model_parity import CASES, case_config, hf_reference, rel_err
+from test_model_parity import CASES, VOCAB, case_config, hf_reference, rel_err
 
 pytestmark = pytest.mark.distributed
 TOL = 1e-5
@@ -26,11 +31,30 @@ LAYOUTS = {"mha": [(1, 1), (2, 1), (1, 2), (2, 2)], "gqa": [(2, 2)], "qkv-bias":
            "tied": [(2, 1), (2, 2)]}
 
 
-def _overrides(case: str, tp: int, pp: int, init_from: str) -> list[str]:
-    name, model, _ = CASES[case]
+# original context 32, sequence 80: positions past 2x the original context
+_ROPE31 = dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+LLAMA3_CASES = {
+    "llama3.1": ("tiny-gqa", dict(vocab_size=70001, hidden_size=32, num_attention_heads=4, num_kv_heads=2,
+                                  num_layers=2, max_seq_len=128, rope_theta=500000.0, rope_scaling=_ROPE31), "llama"),
+    "llama3.2": ("tiny-gqa", dict(vocab_size=VOCAB, num_layers=2, max_seq_len=128, rope_theta=500000.0,
+                                  tie_embeddings=True, rope_scaling=dict(_ROPE31, factor=32.0)), "llama"),
+}
+LLAMA3_SEQ = 80
+LLAMA3_LAYOUTS = [(1, 1), (2, 1), (2, 2)]
+ALL_CASES = {**CASES, **LLAMA3_CASES}
+
+
+def _case_config(case: str):
+    from megatron_llama.config import preset
+    name, overrides, _ = ALL_CASES[case]
+    return preset(name, **overrides)
+
+
+def _overrides(case: str, tp: int, pp: int, init_from: str, seq: int = SEQ) -> list[str]:
+    name, model, _ = ALL_CASES[case]
     return ([f"model.preset={name}"] + [f"model.{k}={v}" for k, v in model.items()]
             + [f"parallel.tp={tp}", f"parallel.pp={pp}", "train.precision=fp32", "data.synthetic=true",
-               f"data.seq_len={SEQ}", f"train.init_from={init_from}"])
+               f"data.seq_len={seq}", f"train.init_from={init_from}"])
 
 
 def _gather_tp(t, layout):
@@ -54,7 +78,7 @@ def _logits(engine, layout, tokens):
     x = tokens
     stage = layout.pp_rank
     if stage > 0:
-        x = torch.empty(SEQ, tokens.shape[0], engine.cfg.model.hidden_size)
+        x = torch.empty(tokens.shape[1], tokens.shape[0], engine.cfg.model.hidden_size)
         dist.recv(x, src=layout.pp_ranks[stage - 1])
         x = (x,)
     for layer in module.forward_funcs:
@@ -80,7 +104,7 @@ def _run(rank, world, jobs, tokens):
     from pipelines.topology import build_topology, init_distributed
     out = []
     for case, tp, pp, sources, save_to in jobs:
-        cfg = load_config(None, _overrides(case, tp, pp, sources[0]))
+        cfg = load_config(None, _overrides(case, tp, pp, sources[0], tokens.shape[1]))
         device, _ = init_distributed()
         layout, topo = build_topology(cfg.parallel, 1, device)
 
@@ -176,3 +200,60 @@ def _check_engine_checkpoint(save_dir, ref):
     assert set(got) == set(want)
     for k in want:
         assert torch.equal(got[k], want[k]), k
+
+
+@pytest.fixture(scope="module")
+def converted_llama3(tmp_path_factory):
+    """Llama 3-shaped HF references (transformers 5 files: rope_parameters), converted to TP1, TP2, TP2·PP2,
+    and each also converted once (TP1) from a copy whose config.json has the scaling removed."""
+    import json
+    import shutil
+
+    from checkpoints_tools.convert import main
+    root = tmp_path_factory.mktemp("convert-l3")
+    refs = {}
+    for case in LLAMA3_CASES:
+        cfg = _case_config(case)
+        hf = hf_reference(cfg, "llama", seed=13)
+        hf_dir = root / f"{case}-hf"
+        hf.save_pretrained(hf_dir)
+        assert json.loads((hf_dir / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
+        refs[case] = (cfg, hf, hf_dir)
+        for tp, pp in LLAMA3_LAYOUTS:
+            assert main(["hf-to-native", str(hf_dir), str(root / f"{case}-tp{tp}pp{pp}"), "--tp", str(tp),
+                         "--pp", str(pp), "--no-progress", "--verify", "no"]) == 0
+        plain = root / f"{case}-unscaled-hf"
+        shutil.copytree(hf_dir, plain)
+        c = json.loads((plain / "config.json").read_text())
+        c["rope_parameters"] = {"rope_type": "default", "rope_theta": c["rope_parameters"]["rope_theta"]}
+        (plain / "config.json").write_text(json.dumps(c))
+        assert main(["hf-to-native", str(plain), str(root / f"{case}-unscaled"), "--no-progress", "--verify", "no"]) == 0
+    return root, refs
+
+
+def test_llama3_parity_through_files(converted_llama3, dist_pool):
+    from checkpoints_tools.verify import native_logits
+    root, refs = converted_llama3
+    tokens = torch.randint(0, VOCAB, (1, LLAMA3_SEQ), generator=torch.Generator().manual_seed(5))
+    jobs = [(case, tp, pp, [str(root / f"{case}-tp{tp}pp{pp}")], None) for case in LLAMA3_CASES
+            for tp, pp in LLAMA3_LAYOUTS]
+    results = dist_pool(4).run(_run, jobs, tokens)
+    for case in LLAMA3_CASES:
+        cfg, hf, _ = refs[case]
+        with torch.no_grad():
+            ref = hf(tokens).logits
+        for j, (c, tp, pp, sources, _) in enumerate(jobs):
+            if c != case:
+                continue
+            last = [r[j][0][0] for r in results if r[j][0][0] is not None]
+            assert last, f"{case} TP{tp}·PP{pp}: no rank returned logits"
+            for logits in last:
+                err = rel_err(logits[..., :cfg.vocab_size], ref)
+                assert err < TOL, f"{case} TP{tp}·PP{pp}: logits differ from transformers by {err:.2e}"
+                assert torch.isinf(logits[..., cfg.vocab_size:]).all()
+            print(f"{case} TP{tp}·PP{pp} (vocab {cfg.vocab_size} padded to {cfg.padded_vocab_size(tp)}): "
+                  f"rel err {err:.2e}")
+        # the same weights through the same files, scaling removed from config.json: far outside the bound
+        wrong = rel_err(native_logits(str(root / f"{case}-unscaled"), tokens), ref)
+        print(f"{case} without rope scaling: rel err {wrong:.2e}")
+        assert wrong > 100 * TOL, f"{case}: dropping the rope scaling changed the logits by only {wrong:.2e}"

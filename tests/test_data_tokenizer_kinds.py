@@ -242,7 +242,7 @@ def test_export_of_an_sft_run_tokenizer_json_carries_the_llama3_template(bpe, tm
 def test_llama3_sft_quickstart_corpus_trains_a_bytelevel_bpe_that_export_finds(tmp_path):
     """data.chat_template=llama3 with a raw SFT corpus and no data.tokenizer: the run trains a byte-level
     BPE with Llama 3's special tokens, and native-to-hf's lookup of the run's tokenizer finds it."""
-    from checkpoints_tools.commands import run_tokenizer
+    from megatron_llama.data.run_tokenizer import run_tokenizer
     from megatron_llama.config import DataConfig, RunConfig
     from megatron_llama.config.presets import preset
     from megatron_llama.data.chat_template import LLAMA3

@@ -11,10 +11,21 @@ Each rank reads only its own slices: from safetensors with ``get_slice`` (rows /
 TP rank, whole KV groups of the fused QKV), from a native checkpoint saved at the same TP its own
 rank's shard files (any other TP: the layer's shards, unsharded and re-sliced), and only the
 layers of its own pipeline stage.
+
+With a tokenizer that extends the source's (``init_tokenizer.py`` checks it), the run's
+``model.vocab_size`` may exceed the source's: rows of the source's ids are copied as they are (bitwise,
+at any TP), rows of the new ids start per ``train.init_new_rows`` (``mean``: the mean of the source's
+rows of that matrix, Swallow's choice, so a new token starts as an "average" token rather than a
+random direction that disturbs the logits of the old ones; ``zero``; ``random``: N(0, init_std), the
+same draw on every rank), and the padding past the new vocabulary (``padded_vocab_size`` of the run's
+TP) is zero.
 """
 from __future__ import annotations
 
+import dataclasses
+import zlib
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -31,9 +42,11 @@ def describe_source(spec: str) -> str:
     return f"resharded store {spec} (its fp32 masters)" if resharded_step_dir(spec) else f"native checkpoint {spec}"
 
 
-def _same_shape(have: ModelConfig, want: ModelConfig, where: str) -> None:
+def _same_shape(have: ModelConfig, want: ModelConfig, where: str, grow_vocab: bool = False) -> None:
     fields = ("hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "ffn_hidden_size", "vocab_size",
-              "qkv_bias", "tie_embeddings", "embedding_layernorm")
+              "qkv_bias", "tie_embeddings", "embedding_layernorm", "rope_theta", "rope_scaling", "norm_eps")
+    if grow_vocab and want.vocab_size > have.vocab_size:
+        fields = tuple(f for f in fields if f != "vocab_size")
     diff = [f"{f}={getattr(have, f)} (run: {getattr(want, f)})" for f in fields if getattr(have, f) != getattr(want, f)]
     if diff:
         raise ConfigError(f"train.init_from={where} holds a different model shape: {', '.join(diff)}; set the run's "
@@ -64,14 +77,19 @@ def source_head(spec: str) -> str:
 
 
 class _HFShards:
-    def __init__(self, directory: str, cfg: ModelConfig):
+    def __init__(self, directory: str, cfg: ModelConfig, grow_vocab: bool = False):
         from .hf_source import HFWeights, check_hf_keys, hf_model_config
-        source = hf_model_config(directory)
-        _same_shape(source, cfg, "hf:" + directory)
-        self.head = _check_heads(source, cfg, "hf:" + directory)
+        src = hf_model_config(directory)
+        _same_shape(src, cfg, "hf:" + directory, grow_vocab)
+        self.head = _check_heads(src, cfg, "hf:" + directory)
         self.w = HFWeights(directory)
-        check_hf_keys(self.w, source)
-        self.cfg = cfg
+        check_hf_keys(self.w, src)
+        self.cfg = dataclasses.replace(cfg, vocab_size=src.vocab_size)  # the source's rows from here on
+
+    def vocab_rows(self, p: ParamInfo, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of the source's (unpadded) embedding or head."""
+        key = "model.embed_tokens.weight" if p.name.startswith("embedding") else "lm_head.weight"
+        return self.w.get(key, (slice(lo, hi),)) if hi > lo else torch.empty(0, p.shape[1])
 
     def read(self, p: ParamInfo, rank: int, tp: int) -> torch.Tensor:
         c, w = self.cfg, self.w
@@ -108,12 +126,22 @@ class _HFShards:
 
 
 class _NativeShards:
-    def __init__(self, path: str, cfg: ModelConfig):
+    def __init__(self, path: str, cfg: ModelConfig, grow_vocab: bool = False):
         from .native_weights import open_native
         self.ck = open_native(path)
-        _same_shape(self.ck.model, cfg, path)
+        _same_shape(self.ck.model, cfg, path, grow_vocab)
         self.head = _check_heads(self.ck.model, cfg, path)
         self._layer: tuple[int, list] | None = None
+        self._full: tuple[str, torch.Tensor] | None = None
+
+    def vocab_rows(self, p: ParamInfo, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of the source's (unpadded) embedding or head (its shards unsharded once)."""
+        from megatron_llama.model.layout import unshard
+        if self._full is None or self._full[0] != p.name:
+            layer = next(q.layer for q in self.ck.table if q.name == p.name)
+            full = unshard([s[p.name] for s in self.ck.layer_shards(layer)], "vocab")
+            self._full = (p.name, full[:self.ck.model.vocab_size])
+        return self._full[1][lo:hi]
 
     def read(self, p: ParamInfo, rank: int, tp: int) -> torch.Tensor:
         from megatron_llama.model.layout import unshard
@@ -142,7 +170,9 @@ class _ReshardedShards:
 
         from .directory import META
         self.dir = step_dir
-        _same_shape(config_from_dict(json.loads((step_dir / META).read_text())["config"]).model, cfg, str(step_dir))
+        source = config_from_dict(json.loads((step_dir / META).read_text())["config"]).model
+        _same_shape(source, cfg, str(step_dir))
+        self.head = _check_heads(source, cfg, str(step_dir))
         self.cfg = cfg
         self._file: tuple[int, object] | None = None
 
@@ -173,19 +203,62 @@ class _ReshardedShards:
         return torch.cat([t[g], t[half + g.start:half + g.stop]])
 
 
+class _GrownVocab:
+    """A source whose vocabulary rows stop at ``old``: the run's rows of its TP rank are the source's rows,
+    then new rows (``mode``), then zero padding."""
+
+    def __init__(self, source, old: int, new: int, mode: str, seed: int, std: float):
+        self.source, self.old, self.new, self.mode, self.seed, self.std = source, old, new, mode, seed, std
+        self.head = source.head
+
+    def _new_rows(self, p: ParamInfo) -> torch.Tensor:
+        n, d = self.new - self.old, p.shape[1]
+        if self.mode == "zero":
+            return torch.zeros(n, d)
+        if self.mode == "random":  # one draw per matrix, the same on every rank
+            g = torch.Generator().manual_seed(self.seed + zlib.crc32(p.name.encode()))
+            return torch.randn(n, d, generator=g) * self.std
+        total = torch.zeros(d, dtype=torch.float64)
+        for lo in range(0, self.old, 8192):  # streamed: the source's matrix is never whole in memory here
+            total += self.source.vocab_rows(p, lo, min(lo + 8192, self.old)).double().sum(0)
+        return (total / self.old).float().expand(n, d)
+
+    def read(self, p: ParamInfo, rank: int, tp: int) -> torch.Tensor:
+        if not p.vocab_rows:
+            return self.source.read(p, rank, tp)
+        per = p.shape[0] // tp
+        lo, hi = rank * per, (rank + 1) * per
+        old = self.source.vocab_rows(p, lo, min(hi, self.old))
+        parts = [old]
+        a, b = max(lo, self.old), min(hi, self.new)
+        if b > a:
+            parts.append(self._new_rows(p)[a - self.old:b - self.old].to(old.dtype))
+        t = torch.cat(parts)
+        return torch.cat([t, t.new_zeros(per - t.shape[0], p.shape[1])]) if t.shape[0] < per else t
+
+
 @torch.no_grad()
 def load_initial_weights(module: torch.nn.Module, cfg: ModelConfig, spec: str, tp_rank: int, tp: int,
-                         pipelined: bool) -> int:
+                         pipelined: bool, source_vocab: Optional[int] = None, new_rows: str = "mean",
+                         seed: int = 0) -> int:
     """Copy this rank's slices from ``spec`` into ``module`` (a ``LlamaModel``, or this stage of the
-    ``PipelineModule`` when ``pipelined``); returns the number of tensors loaded."""
+    ``PipelineModule`` when ``pipelined``); returns the number of tensors loaded. ``source_vocab`` <
+    ``cfg.vocab_size`` (an extended tokenizer, checked by ``init_tokenizer.plan_init_tokenizer``): the
+    vocabulary grows, new rows per ``new_rows``."""
+    grow = source_vocab is not None and source_vocab < cfg.vocab_size
     if spec.startswith("hf:"):
-        source = _HFShards(spec[3:], cfg)
+        source = _HFShards(spec[3:], cfg, grow)
     else:
         if not Path(spec).exists():
             raise ConfigError(f"train.init_from={spec} does not exist: pass a native checkpoint or hf:DIR")
         from .resharded import resharded_step_dir
         store = resharded_step_dir(spec)
-        source = _ReshardedShards(store, cfg) if store is not None else _NativeShards(spec, cfg)
+        if store is not None and grow:
+            raise ConfigError(f"train.init_from={spec} is a resharded store: growing the vocabulary from one is not "
+                              "supported; start from the checkpoint it was resharded from, or hf:DIR")
+        source = _ReshardedShards(store, cfg) if store is not None else _NativeShards(spec, cfg, grow)
+    if grow:
+        source = _GrownVocab(source, source_vocab, cfg.vocab_size, new_rows, seed, cfg.init_std)
     # pipelined: DeepSpeed's names, incl. a tied head's copy of the embedding (its row's pipe_copy)
     by_name = pipeline_names(cfg, tp) if pipelined else {p.name: p for p in param_table(cfg, tp)}
     n = 0

@@ -12,6 +12,7 @@ PARTITION_METHODS = ("bloom", "uniform", "parameters", "cost")
 PRECISIONS = ("auto", "bf16", "fp32", "fp8")
 FP8_RECIPES = ("tensorwise", "rowwise")
 SPIKE_ACTIONS = ("warn", "skip", "rollback")
+INIT_NEW_ROWS = ("mean", "zero", "random")
 
 
 @dataclass
@@ -127,6 +128,9 @@ class TrainConfig:
     keep_last: int = 2
     wandb_project: Optional[str] = None
     init_from: Optional[str] = None  # hf:DIR or a native checkpoint: weights only, fresh optimizer, step 0
+    # init_from with an extension of the source's tokenizer: the embedding / head rows of the new ids start
+    # at the mean of the source's rows (mean), at zero (zero) or N(0, init_std) (random)
+    init_new_rows: str = "mean"
     # validation (launch/validation.py): every eval_interval steps (0 = only at the end) when the
     # data has a held-out split (data.valid_fraction / data.valid_sources), eval_iters global batches
     eval_interval: int = 0
@@ -164,6 +168,8 @@ class TrainConfig:
             raise ConfigError(f"train.objective={self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        if self.init_new_rows not in INIT_NEW_ROWS:
+            raise ConfigError(f"train.init_new_rows={self.init_new_rows!r}: choose one of {', '.join(INIT_NEW_ROWS)}")
         if self.fp8_recipe not in FP8_RECIPES:
             raise ConfigError(f"train.fp8_recipe={self.fp8_recipe!r}: choose one of {', '.join(FP8_RECIPES)}")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -44,7 +44,8 @@ class SelfAttention(torch.nn.Module):
         s, b = qkv.shape[:2]  # x is [s/tp, b, d] under sequence parallelism; qkv is full-length
         qkv = qkv.view(s, b, self.local_groups, self.q_per_group + 2, self.head_dim)
         q, k, v = qkv.split([self.q_per_group, 1, 1], dim=3)
-        cos, sin = rope_tables(self.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, x.device)
+        cos, sin = rope_tables(self.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, x.device,
+                               self.cfg.rope_scaling)
         cos, sin = cos[:s, None, None, None, :].to(x.dtype), sin[:s, None, None, None, :].to(x.dtype)
         q = apply_rotary(q, cos, sin).view(s, b, -1, self.head_dim)       # [s, b, nh, h]
         k = apply_rotary(k, cos, sin).view(s, b, -1, self.head_dim)       # [s, b, g, h]

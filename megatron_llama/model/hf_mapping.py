@@ -116,10 +116,17 @@ def native_to_hf(native: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
     return out
 
 
+def hf_rope_parameters(cfg: ModelConfig) -> dict:
+    """transformers 5's ``rope_parameters`` for our RoPE: ``rope_type`` (default when unscaled), ``rope_theta``
+    and every scaling field that is set."""
+    scaling = cfg.rope_scaling.hf_parameters() if cfg.rope_scaling is not None else {"rope_type": "default"}
+    return {**scaling, "rope_theta": cfg.rope_theta}
+
+
 def hf_config_kwargs(cfg: ModelConfig) -> dict:
     """Keyword arguments for ``transformers.LlamaConfig`` / ``Qwen2Config`` of the same shape."""
     return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
                 intermediate_size=cfg.ffn_hidden_size, num_hidden_layers=cfg.num_layers,
                 num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_kv_heads,
                 max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-                rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings)
+                rope_parameters=hf_rope_parameters(cfg), tie_word_embeddings=cfg.tie_embeddings)
