@@ -194,6 +194,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = load_config(train_args[0], train_args[1:])
         nproc = args.nproc_per_node or _procs_per_node(cfg, args.nnodes)
+        from .host_memory import check_async_save_memory
+        import torch
+        check_async_save_memory(cfg, nproc * args.nnodes, nproc, torch.cuda.is_available())
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.BAD_INPUT

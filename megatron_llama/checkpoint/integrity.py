@@ -35,7 +35,8 @@ def crc32_of(path: Path) -> int:
     return crc
 
 
-def _files(ckpt: Path) -> list[str]:
+def list_files(ckpt: Path) -> list[str]:
+    """Every file under ``ckpt`` but ``run.json``, as sorted relative paths."""
     return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MARKER)
 
 
@@ -56,7 +57,7 @@ def manifest(ckpt: Path, collective: bool = True) -> dict[str, list[int]]:
     """``{relative path: [size, crc32]}`` of the files under ``ckpt``; with ``collective`` every rank
     calls it and hashes a share, otherwise the calling process hashes everything (converters)."""
     rank, world = _dist() if collective else (0, 1)
-    names = _files(ckpt) if rank == 0 else None
+    names = list_files(ckpt) if rank == 0 else None
     if world > 1:  # one listing, so every rank splits the same list
         box = [names]
         dist.broadcast_object_list(box, src=0)
