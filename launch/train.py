@@ -14,18 +14,20 @@ Exit statuses: launch/exit_codes.py (also in ``--help``).
 Every bad layout or config is reported before any process group exists as one line
 ``error: <what and how to fix>`` (printed by rank 0 only), exit status 2, no traceback.
 
-SIGTERM / SIGUSR1 (SLURM's warning before a time limit or preemption): every rank saves a
-checkpoint at the next step boundary and exits with status 128 + signal (143 / 138); the same
-command resumes it (launch/signals.py, megatron_llama/checkpoint/directory.py). Exit status 0 = finished.
+SIGTERM / SIGUSR1 (SLURM's warning before a time limit or preemption) and SIGINT (Ctrl-C): every
+rank saves a checkpoint at the next step boundary and exits with status 128 + signal (143 / 138 /
+130); the same command resumes it (launch/signals.py, megatron_llama/checkpoint/directory.py). Exit status 0 = finished.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 from megatron_llama.config import ConfigError, RunConfig, load_config
@@ -292,9 +294,10 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
         if summary.checkpoint:
             lines.append(f"  checkpoint {summary.checkpoint} (resumes automatically from {t.save_dir}/latest)")
         if summary.stop_signal:
+            again = "run the same command" if summary.stop_signal == signal.SIGINT else "re-submit"
             lines.append(f"received {signal_name(summary.stop_signal)} at step {step}: saved checkpoint "
                          f"{summary.checkpoint}, exiting (status {exit_code_for(summary.stop_signal)}); "
-                         "re-submit to resume")
+                         f"{again} to resume")
         for line in lines:
             logger.print(line)
         if save and layout.rank == 0:
@@ -349,7 +352,8 @@ def _supervise(nproc: int, argv: list[str], cfg: RunConfig) -> int:
     print(f"mllama-train: no distributed launcher detected; starting {nproc} local processes "
           f"({restarts})", flush=True)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
-    return supervise(argv, nproc, cfg.train.max_restarts, cfg.train.restart_backoff_s)
+    return supervise(argv, nproc, cfg.train.max_restarts, cfg.train.restart_backoff_s,
+                     log_dir=Path(cfg.train.save_dir) / "logs")
 
 
 def _has_cuda() -> bool:
@@ -358,6 +362,17 @@ def _has_cuda() -> bool:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """The CLI; Ctrl-C before the training loop handles signals (start-up) is one line, status 130."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        if _env_rank() == 0:
+            print("mllama-train: interrupted (Ctrl-C) before training started: nothing was saved",
+                  file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
+
+
+def _main(argv: Optional[list[str]] = None) -> int:
     from megatron_llama.config.paths import writable_dir
     from megatron_llama import checkpoint
     from . import exit_codes
