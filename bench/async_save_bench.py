@@ -132,7 +132,6 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     _env()
-    from megatron_llama import checkpoint
     from megatron_llama.checkpoint import directory, integrity
     from megatron_llama.checkpoint.async_save import AsyncSaves
     from launch.lr_schedule import schedule_for
