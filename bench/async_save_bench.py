@@ -20,7 +20,7 @@ time: two 7B-8l checkpoints with optimizer state need ~50 GB):
    the commit at a step boundary (``commit_s``); ``write_s`` / ``write_gb_s`` the background write
    including fsync and CRC; ``stall_fraction`` = (stall + commit + slowdown) / sync ``save_s``.
 4. ``load``: the page cache for the async checkpoint evicted (posix_fadvise), then
-   ``checkpoint.resume`` timed: CRC verification (``verify_s``, cold read) + DeepSpeed's load. The
+   what ``checkpoint.resume`` does, timed: CRC verification (``verify_cold_s``) + DeepSpeed's load. The
    model and optimizer state after the load must equal those at the save (float64 sums of every
    tensor), and the next step's loss must equal the loss the run had at that step.
 
