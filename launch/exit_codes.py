@@ -11,8 +11,8 @@ status  meaning                                                     what to do
 3       hang: a rank made no progress for ``train.hang_timeout_s``   restart
         (its line names rank, step and phase)
 4       diverged: too many loss spikes / NaNs                        do not restart blindly
-128+N   stopped by signal N (143 SIGTERM, 138 SIGUSR1) after a       requeue / re-submit: resumes
-        checkpoint was saved                                        where it stopped
+128+N   stopped by signal N (143 SIGTERM, 138 SIGUSR1, 130 SIGINT    requeue / re-submit: resumes
+        = Ctrl-C) after a checkpoint was saved                      where it stopped
 ======  ==========================================================  ===========================
 
 The in-allocation supervisor (launch/supervisor.py) restarts on 1 and 3 only; the SLURM script
@@ -37,7 +37,7 @@ HELP = """exit status:
   2      bad input (one 'error:' line says what to fix); never restarted
   3      hang: a rank made no progress for train.hang_timeout_s (its line says rank, step, phase); restart
   4      diverged (too many loss spikes / NaNs); do not restart blindly
-  128+N  stopped by signal N after saving a checkpoint (143 SIGTERM, 138 SIGUSR1): requeue / re-submit
+  128+N  stopped by signal N after saving a checkpoint (143 SIGTERM, 138 SIGUSR1, 130 Ctrl-C): re-submit
   Started without a launcher, mllama-train restarts itself on 1 and 3 (train.max_restarts times,
   waiting train.restart_backoff_s, doubling) before giving up."""
 

@@ -5,6 +5,8 @@ Never set in a real run. ``MLLAMA_FAULT`` holds comma-separated faults
 
 ``kill``         SIGKILL rank R right after optimizer step S (a lost GPU or node)
 ``kill-saving``  SIGKILL rank R while checkpoint S is written (``stepS.tmp`` exists, shards done)
+``kill-writing`` SIGKILL rank R from its background writer (``train.async_save``) once it has written
+                 the first file of checkpoint S, while training goes on
 ``stall``        rank R stops before reading the batches of step S+1 (a wedged data loader)
 ``term``         rank R sends SIGTERM to its parent (mllama-train's supervisor) after step S
 ``wait-signal``  rank R waits after step S until SIGTERM / SIGUSR1 arrives (signal a run at a known step)
@@ -26,7 +28,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-KINDS = ("kill", "kill-saving", "stall", "term", "wait-signal", "corrupt")
+KINDS = ("kill", "kill-saving", "kill-writing", "stall", "term", "wait-signal", "corrupt")
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class Faults:
 
 
 def _fire(kind: str) -> None:
-    if kind in ("kill", "kill-saving"):
+    if kind in ("kill", "kill-saving", "kill-writing"):
         os.kill(os.getpid(), signal.SIGKILL)
     elif kind == "term":
         os.kill(os.getppid(), signal.SIGTERM)

@@ -6,6 +6,7 @@ counted). On CPU there is no peak to compare with, so MFU shows as "-".
 """
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import time
@@ -79,6 +80,18 @@ class StepLogger:
         """Throughput is measured from here (call it when the training loop starts)."""
         self._window_start = self._last_step = time.perf_counter()
         self._window_steps = 0
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (validation, checkpoint saves) is not the next step's: step time and
+        throughput leave it out."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - t0
+            self._last_step += spent
+            self._window_start += spent
 
     def metrics(self, result, step_time_s: float) -> dict:
         """One step's numbers: loss, lr, grad norm, global tokens/s, TFLOP/s per GPU, MFU (None

@@ -1,8 +1,9 @@
 """When to save and when to stop, decided the same way on every rank at each step boundary.
 
 * SIGTERM and SIGUSR1 (SLURM's warning before a time limit or preemption, e.g.
-  ``sbatch --signal=USR1@120``) only set a flag (:class:`StopSignals`); nothing is done inside
-  the handler. A signal may reach some ranks before others, so the flag is all-reduced (MAX)
+  ``sbatch --signal=USR1@120``) and SIGINT (Ctrl-C, which the terminal sends to every rank of the
+  foreground process group) only set a flag (:class:`StopSignals`); nothing is done inside the
+  handler, so Ctrl-C raises no KeyboardInterrupt in any rank. A signal may reach some ranks before others, so the flag is all-reduced (MAX)
   at the next step boundary and every rank stops after the same step.
 * ``train.save_minutes``: rank 0 alone reads its clock; the flag travels in the same all-reduce.
 
@@ -12,7 +13,7 @@ stream anyway). It is only used when the run saves checkpoints.
 
 A run stopped by a signal saves a checkpoint and exits with status 128 + signal number (143 for
 SIGTERM, 138 for SIGUSR1), as a shell reports a process killed by that signal: a job script can
-tell "stopped early, re-submit" (>= 128) from "finished" (0) and "failed" (1, 2). Re-submitting the
+tell "stopped early, re-submit" (>= 128; 130 for Ctrl-C) from "finished" (0) and "failed" (1, 2). Re-submitting the
 same command resumes from the checkpoint.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def signal_name(signum: int) -> str:

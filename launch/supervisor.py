@@ -13,7 +13,15 @@ SIGKILL. The attempt's status (launch/exit_codes.py) is 2 if any rank reported b
 first rank's non-zero status, else 0. Statuses 1 (failed) and 3 (hang) are restarted up to
 ``train.max_restarts`` times, waiting ``train.restart_backoff_s`` doubled each time (at most 5 min);
 every attempt resumes from the newest complete checkpoint by itself. SIGTERM / SIGUSR1 / SIGINT
-are passed to every rank (they save and exit 128+N) and end supervision with that status.
+are passed to every rank (they save and exit 128+N) and end supervision with that status; a second
+SIGINT (Ctrl-C pressed again) stops the ranks at once, without waiting for their checkpoint.
+
+Console: with a ``log_dir`` (``<train.save_dir>/logs``), each rank's stderr is copied to
+``log_dir/rank-N.log`` (appended, one header per attempt) and passed to the console as it comes,
+except tracebacks: from ``Traceback (most recent call last):`` on, a rank's stderr stays in its log
+until the attempt is over. Then the console gets the traceback of the rank that caused the failure
+(none if it was killed: the supervisor's line says by what) and one line naming the other ranks'
+logs: when one rank dies, its peers' "Connection closed by peer" tracebacks do not bury the cause.
 
 Multi-node: every node's supervisor restarts its own ranks; ranks on the healthy nodes notice the
 lost peers (collective error, or the hang watchdog) and restart too, meeting again at the same
@@ -23,11 +31,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from . import exit_codes
@@ -51,6 +62,13 @@ class _Forwarder:
         self._previous = {}
 
     def _handle(self, signum, _frame):
+        if signum == signal.SIGINT and self.received == signal.SIGINT:  # Ctrl-C again: stop now
+            _say("interrupted again: stopping the ranks now, without waiting for their checkpoint "
+                 "(the newest complete one stays)")
+            for p in self.procs:
+                if p.poll() is None:
+                    p.kill()
+            return
         if self.received is None:
             self.received = signum
         for p in self.procs:
@@ -79,21 +97,96 @@ def _describe_rc(rank: int, rc: int) -> str:
     return f"rank {rank} exited with status {rc} ({exit_codes.describe(exit_codes.from_returncode(rc))})"
 
 
+# a line opening a Python traceback (torch.distributed prefixes a rank's uncaught one with "[rankN]: ")
+TRACEBACK = re.compile(rb"^(\[rank\d+\]: )?Traceback \(most recent call last\):", re.M)
+
+
+@dataclass
+class _RankStderr:
+    """One rank's stderr: copied to its log, passed to the console up to its first traceback, held after."""
+    rank: int
+    log_path: Path
+    held: list = field(default_factory=list)
+    thread: Optional[threading.Thread] = None
+
+    def start(self, pipe, attempt: int, console_lock: threading.Lock) -> None:
+        self.thread = threading.Thread(target=self._copy, args=(pipe, attempt, console_lock), daemon=True)
+        self.thread.start()
+
+    def _copy(self, pipe, attempt: int, console_lock: threading.Lock) -> None:
+        with open(self.log_path, "ab") as log:
+            log.write(f"--- attempt {attempt}, {time.strftime('%Y-%m-%d %H:%M:%S')} ---\n".encode())
+            log.flush()
+            pending = b""
+            while chunk := os.read(pipe.fileno(), 1 << 16):
+                log.write(chunk)
+                log.flush()
+                pending += chunk
+                while (cut := max(pending.rfind(b"\n"), pending.rfind(b"\r"))) >= 0:  # whole lines (and \r bars)
+                    self._route(pending[:cut + 1], console_lock)
+                    pending = pending[cut + 1:]
+            if pending:
+                self._route(pending, console_lock)
+        pipe.close()
+
+    def _route(self, text: bytes, console_lock: threading.Lock) -> None:
+        if not self.held:
+            found = TRACEBACK.search(text)
+            at = len(text) if found is None else found.start()
+            if at:
+                with console_lock:
+                    sys.stderr.buffer.write(text[:at])
+                    sys.stderr.flush()
+            text = text[at:]
+        if text:
+            self.held.append(text)
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+
+def _show_held(streams: list[_RankStderr], cause: Optional[int]) -> None:
+    """After an attempt: the traceback of the rank that caused it (if it has one), and where the
+    other ranks' tracebacks are."""
+    held = [s for s in streams if s.held]
+    if not held:
+        return
+    shown = next((s for s in held if s.rank == cause), None if cause is not None else held[0])
+    if shown is not None:
+        sys.stderr.buffer.write(b"".join(shown.held))
+        sys.stderr.flush()
+    others = [s for s in held if s is not shown]
+    if others:
+        ranks = ", ".join(str(s.rank) for s in others)
+        where = others[0].log_path if len(others) == 1 else others[0].log_path.with_name("rank-N.log")
+        _say(f"{'rank' if len(others) == 1 else 'ranks'} {ranks} also failed, as a consequence: "
+             f"traceback{'s' if len(others) > 1 else ''} in {where}")
+
+
 def run_ranks(argv: list[str], nproc: int, forwarder: _Forwarder, *, node_rank: int = 0, nnodes: int = 1,
               master_addr: str = "127.0.0.1", master_port: int = 0, attempt: int = 0,
-              grace_s: float = 5.0, module: str = "launch.train") -> Attempt:
-    """One attempt: start ``nproc`` ranks of ``python -m module argv`` (the trainer, or
-    ``launch.eval``) on this node and wait for them."""
+              grace_s: float = 5.0, log_dir: Optional[Path] = None, module: str = "launch.train") -> Attempt:
+    """One attempt: start ``nproc`` ranks of ``python -m module argv`` (the trainer, or ``launch.eval``)
+    on this node and wait for them. With ``log_dir``, the ranks' stderr goes through
+    :class:`_RankStderr` (see the module doc)."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("PYTHONWARNINGS", "ignore")
     env.update(WORLD_SIZE=str(nnodes * nproc), LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR=master_addr,
                MASTER_PORT=str(master_port or _free_port()), MLLAMA_ATTEMPT=str(attempt))
-    procs = []
+    procs, streams = [], []
+    lock = threading.Lock()
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
     for local in range(nproc):
         rank = node_rank * nproc + local
         procs.append(subprocess.Popen([sys.executable, "-m", module, *argv], preexec_fn=_die_with_parent,
-                                      env=dict(env, RANK=str(rank), LOCAL_RANK=str(local))))
+                                      env=dict(env, RANK=str(rank), LOCAL_RANK=str(local)),
+                                      stderr=subprocess.PIPE if log_dir is not None else None))
+        if log_dir is not None:
+            streams.append(_RankStderr(rank, log_dir / f"rank-{rank}.log"))
+            streams[-1].start(procs[-1].stderr, attempt, lock)
     forwarder.procs = procs
     first: Optional[tuple[int, int]] = None  # (local index, returncode) of the first rank to fail
     deadline = None
@@ -112,6 +205,9 @@ def run_ranks(argv: list[str], nproc: int, forwarder: _Forwarder, *, node_rank: 
                     p.kill()
         time.sleep(0.1)
     forwarder.procs = []
+    for stream in streams:
+        stream.join()
+    _show_held(streams, None if first is None else node_rank * nproc + first[0])
     if any(rc == exit_codes.BAD_INPUT for rc in codes):
         return Attempt(exit_codes.BAD_INPUT, "")
     if first is not None:
@@ -139,13 +235,14 @@ def _is_clean_stop(rc: int) -> bool:
 
 def supervise(argv: list[str], nproc: int, max_restarts: int, backoff_s: float, *, node_rank: int = 0,
               nnodes: int = 1, master_addr: str = "127.0.0.1", master_port: int = 0,
-              grace_s: float = 5.0, module: str = "launch.train") -> int:
+              grace_s: float = 5.0, log_dir: Optional[Path] = None, module: str = "launch.train") -> int:
     """Run attempts until one ends with a status that is not restartable; returns that status."""
     attempt = 0
     with _Forwarder() as fwd:
         while True:
             result = run_ranks(argv, nproc, fwd, node_rank=node_rank, nnodes=nnodes, master_addr=master_addr,
-                               master_port=master_port, attempt=attempt, grace_s=grace_s, module=module)
+                               master_port=master_port, attempt=attempt, grace_s=grace_s, log_dir=log_dir,
+                               module=module)
             if fwd.received is not None:  # stopped on request: whatever the ranks did, don't restart
                 return result.status if result.status > exit_codes.SIGNAL_BASE else exit_codes.for_signal(
                     fwd.received)
@@ -195,12 +292,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = load_config(train_args[0], train_args[1:])
         nproc = args.nproc_per_node or _procs_per_node(cfg, args.nnodes)
+        from .host_memory import check_async_save_memory
+        import torch
+        check_async_save_memory(cfg, nproc * args.nnodes, nproc, torch.cuda.is_available())
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.BAD_INPUT
     return supervise(train_args, nproc, cfg.train.max_restarts, cfg.train.restart_backoff_s,
                      node_rank=args.node_rank, nnodes=args.nnodes, master_addr=args.master_addr,
-                     master_port=args.master_port)
+                     master_port=args.master_port, log_dir=Path(cfg.train.save_dir) / "logs")
 
 
 def _procs_per_node(cfg, nnodes: int) -> int:

@@ -14,18 +14,20 @@ Exit statuses: launch/exit_codes.py (also in ``--help``).
 Every bad layout or config is reported before any process group exists as one line
 ``error: <what and how to fix>`` (printed by rank 0 only), exit status 2, no traceback.
 
-SIGTERM / SIGUSR1 (SLURM's warning before a time limit or preemption): every rank saves a
-checkpoint at the next step boundary and exits with status 128 + signal (143 / 138); the same
-command resumes it (launch/signals.py, megatron_llama/checkpoint/directory.py). Exit status 0 = finished.
+SIGTERM / SIGUSR1 (SLURM's warning before a time limit or preemption) and SIGINT (Ctrl-C): every
+rank saves a checkpoint at the next step boundary and exits with status 128 + signal (143 / 138 /
+130); the same command resumes it (launch/signals.py, megatron_llama/checkpoint/directory.py). Exit status 0 = finished.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 from megatron_llama.config import ConfigError, RunConfig, load_config
@@ -140,6 +142,7 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
     from pipelines.topology import build_topology, init_distributed
 
     from megatron_llama import checkpoint
+    from megatron_llama.checkpoint.async_save import AsyncSaves
     from .batches import open_batches
     from .lr_schedule import schedule_for
     from .metrics import StepLogger, fmt_count, fmt_duration
@@ -195,13 +198,16 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
                                    "tokens_per_step": tokens_per_step})
         logger.sink = monitor.train
         heart = scope.enter_context(Heartbeat(layout.rank, t.hang_timeout_s))
-        boundary = stop = None
-        if save:  # SIGTERM/SIGUSR1 now mean "save and stop at the next step boundary"
-            stop = scope.enter_context(StopSignals())
-            boundary = StepBoundary(stop, t.save_minutes, device, layout.rank)
+        boundary = stop = saver = None
         # test hook (MLLAMA_FAULT, launch/faults.py); empty in real runs
         faults = Faults(layout.rank, stop_requested=lambda: stop is not None and stop.received is not None,
                         save_dir=t.save_dir)
+        if save:  # SIGTERM/SIGUSR1/SIGINT now mean "save and stop at the next step boundary"
+            stop = scope.enter_context(StopSignals())
+            boundary = StepBoundary(stop, t.save_minutes, device, layout.rank)
+        if save and t.async_save:  # interval and timed saves written in the background
+            saver = scope.enter_context(AsyncSaves(engine, t.save_dir, t.keep_last, device,
+                                                   after_file=lambda s, _n: faults.at("kill-writing", s)))
         t0 = time.perf_counter()
         logger.restart_clock()
         step = start_step
@@ -225,6 +231,8 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
             summary.metrics.append(result.metrics)
             logger.step(step, result, time.perf_counter() - t0, step - start_step)
             if verdict.kind != "ok":  # one line; a rollback reloads the last checkpoint (launch/rollback.py)
+                if saver is not None:
+                    saver.wait()  # the newest checkpoint is complete before anything reloads it
                 step, consumed = respond(verdict, step, samples, engine, layout, t.save_dir if save else None,
                                          skips, batches, logger.print, monitor.event)
                 summary.diverged = guard.diverged(step)
@@ -232,7 +240,8 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
                     logger.print(f"error: {summary.diverged}")
                     break
             if validator.due(step, last=step >= end):
-                v = validator.run()
+                with logger.paused():  # the next step's time and throughput leave validation out
+                    v = validator.run()
                 monitor.valid(step, v)
                 summary.valid_losses.append([step, v["valid_loss"]])
                 summary.valid_metrics.append([step, v])
@@ -247,21 +256,31 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
                 continue
             heart.beat(step, "boundary")
             decision = boundary.decide()  # the same on every rank
+            if saver is not None:
+                saver.poll()  # commits a finished background write (run.json, latest)
             if decision.stop_signal:
                 summary.stop_signal = decision.stop_signal
                 break
             interval = bool(t.save_interval) and step % t.save_interval == 0
             if interval or decision.timed_save:
                 heart.beat(step, "save")
-                checkpoint.save(engine, cfg, layout, t.save_dir, step, consumed, result.loss,
-                                reason="interval" if interval else "timed", extra=run_state(),
-                                on_written=lambda s: faults.at("kill-saving", s))
-                _eval_tasks(tasks, step, False, heart, monitor, logger, summary)
+                reason = "interval" if interval else "timed"
+                with logger.paused():
+                    if saver is not None:
+                        saver.save(cfg, layout, step, consumed, result.loss, reason=reason, extra=run_state())
+                    else:
+                        checkpoint.save(engine, cfg, layout, t.save_dir, step, consumed, result.loss,
+                                        reason=reason, extra=run_state(),
+                                        on_written=lambda s: faults.at("kill-saving", s))
+                    _eval_tasks(tasks, step, False, heart, monitor, logger, summary)
                 boundary.saved()
         summary.wall_time_s = time.perf_counter() - t0
         summary.steps = step - start_step
         summary.final_step = step
         summary.tokens_per_s = summary.steps * tokens_per_step / max(summary.wall_time_s, 1e-9)
+        if saver is not None:
+            heart.beat(step, "save")
+            saver.wait()  # a background write still going is finished and committed first
         if save and summary.steps and not summary.diverged:  # a diverged state is not worth a checkpoint
             reason = signal_name(summary.stop_signal) if summary.stop_signal else "end"
             heart.beat(step, "save")
@@ -289,9 +308,10 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
         if summary.checkpoint:
             lines.append(f"  checkpoint {summary.checkpoint} (resumes automatically from {t.save_dir}/latest)")
         if summary.stop_signal:
+            again = "run the same command" if summary.stop_signal == signal.SIGINT else "re-submit"
             lines.append(f"received {signal_name(summary.stop_signal)} at step {step}: saved checkpoint "
                          f"{summary.checkpoint}, exiting (status {exit_code_for(summary.stop_signal)}); "
-                         "re-submit to resume")
+                         f"{again} to resume")
         for line in lines:
             logger.print(line)
         if save and layout.rank == 0:
@@ -370,7 +390,8 @@ def _supervise(nproc: int, argv: list[str], cfg: RunConfig) -> int:
     print(f"mllama-train: no distributed launcher detected; starting {nproc} local processes "
           f"({restarts})", flush=True)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
-    return supervise(argv, nproc, cfg.train.max_restarts, cfg.train.restart_backoff_s)
+    return supervise(argv, nproc, cfg.train.max_restarts, cfg.train.restart_backoff_s,
+                     log_dir=Path(cfg.train.save_dir) / "logs")
 
 
 def _has_cuda() -> bool:
@@ -379,9 +400,21 @@ def _has_cuda() -> bool:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """The CLI; Ctrl-C before the training loop handles signals (start-up) is one line, status 130."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        if _env_rank() == 0:
+            print("mllama-train: interrupted (Ctrl-C) before training started: nothing was saved",
+                  file=sys.stderr, flush=True)
+        return 128 + signal.SIGINT
+
+
+def _main(argv: Optional[list[str]] = None) -> int:
     from megatron_llama.config.paths import writable_dir
     from megatron_llama import checkpoint
     from . import exit_codes
+    from .host_memory import check_async_save_memory
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="mllama-train", usage=USAGE,
                                      description=__doc__.split("\n")[0].replace("``", ""),
@@ -418,8 +451,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not in_launcher:
             n = processes_needed(cfg)
             validate_layout(cfg, n)
+            check_async_save_memory(cfg, n, n, _has_cuda())
             return _supervise(n, [a for a in argv if a != "--print-save-dir"], cfg)
         validate_layout(cfg, int(os.environ["WORLD_SIZE"]))
+        if "MLLAMA_ATTEMPT" not in os.environ:  # under another launcher (our supervisor checked already)
+            check_async_save_memory(cfg, int(os.environ["WORLD_SIZE"]),
+                                    int(os.environ.get("LOCAL_WORLD_SIZE", "1")), _has_cuda())
         _quiet_libraries()
         summary = train(cfg)
     except ConfigError as e:

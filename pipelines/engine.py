@@ -301,10 +301,18 @@ class TrainEngine:
         return float(total.item())
 
     # --- checkpoints (thin: megatron_llama/checkpoint/directory.py owns the directory layout) -------------
-    def save(self, save_dir: str, tag: str, client_state: dict) -> None:
+    def save(self, save_dir: str, tag: str, client_state: dict, checkpoint_engine=None) -> None:
         """Every rank writes its shards under ``save_dir/tag``. DeepSpeed's own ``latest`` is not
-        written: megatron_llama/checkpoint/directory.py marks a checkpoint complete and points ``latest`` at it."""
-        self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
+        written: megatron_llama/checkpoint/directory.py marks a checkpoint complete and points ``latest`` at it.
+        ``checkpoint_engine`` replaces DeepSpeed's (torch.save) for this save only: the asynchronous
+        save's host snapshot (megatron_llama/checkpoint/async_save.py)."""
+        own = self.engine.checkpoint_engine
+        if checkpoint_engine is not None:
+            self.engine.checkpoint_engine = checkpoint_engine
+        try:
+            self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
+        finally:
+            self.engine.checkpoint_engine = own
 
     def load(self, save_dir: str, tag: Optional[str] = None) -> Optional[dict]:
         path, client_state = self.engine.load_checkpoint(save_dir, tag=tag)

@@ -68,3 +68,30 @@ def test_heldout_documents_never_reach_training_windows(tmp_path):
     tokens = np.array(indexed.sequence_lengths)
     assert abs(len(train) + len(valid) - len(whole)) <= 2
     assert len(valid) == (int(tokens[sorted(held)].sum()) - 1) // 16
+
+
+def _timed_run(rank, world, overrides, save_dir):
+    from launch.run_log import read_records
+    from launch.train import train
+    from megatron_llama.config import load_config
+    train(load_config(None, overrides + [f"train.save_dir={save_dir}"]), log=False, save=True)
+    return read_records(save_dir)
+
+
+@pytest.mark.distributed
+def test_step_time_and_throughput_leave_validation_out(dist_pool, tmp_path):
+    """metrics.jsonl: the step after an evaluation reports its own time, not the evaluation's
+    (eval_iters=60 makes an evaluation about twenty steps long)."""
+    extra = ["data.valid_fraction=0.01", "train.steps=8", "train.eval_interval=3", "train.eval_iters=60"]
+    records = dist_pool(1).run(_timed_run, base_overrides("tiny", dp=1) + extra, str(tmp_path / "run"))[0]
+    train = {r["step"]: r for r in records if r["type"] == "train"}
+    valid = {r["step"]: r for r in records if r["type"] == "valid"}
+    assert sorted(valid) == [3, 6, 8] and sorted(train) == list(range(1, 9))
+    usual = sorted(train[s]["step_time_s"] for s in (2, 3, 5, 6, 8))
+    median = usual[2]
+    for s in (3, 6):
+        took = valid[s]["time"] - train[s]["time"]  # the evaluation, between the two records
+        after = train[s + 1]
+        assert took > 4 * median, (took, median)
+        assert after["step_time_s"] < took / 3, (s + 1, after["step_time_s"], took, median)
+        assert after["tokens_per_s"] > 4 * 32 / (took / 3)  # 4 sequences x 32 tokens per step

@@ -82,37 +82,63 @@ def save(engine, cfg, layout, save_dir: str, step: int, consumed_samples: int, l
          reason: str = "interval", extra: Optional[dict] = None, on_written=None) -> Path:
     """Write a checkpoint of ``step`` on all ranks (see the module doc); returns its directory.
     ``extra`` is added to ``run.json`` (e.g. ``skipped_samples``, launch/rollback.py).
-    ``on_written(step)`` runs on every rank once all shards are in ``stepN.tmp`` (a test hook)."""
+    ``on_written(step)`` runs on every rank once all shards are in ``stepN.tmp`` (a test hook).
+    ``train.async_save`` writes the shards in the background instead (async_save.py)."""
+    root, tag = begin_save(save_dir, step)
+    _write_shards(engine, save_dir, tag + TMP_SUFFIX, client_state(step, consumed_samples))
+    _barrier()  # every rank has written its shards
+    files = integrity.manifest(root / (tag + TMP_SUFFIX))  # collective: the ranks share the hashing
+    if on_written is not None:
+        on_written(step)
+    meta = run_meta(cfg, layout, step, consumed_samples, last_loss, reason, extra) if _rank() == 0 else None
+    return finish_save(root, step, meta, files, cfg.train.keep_last)
+
+
+def client_state(step: int, consumed_samples: int) -> dict:
+    """What DeepSpeed stores next to the weights and gives back on load (:func:`_load`)."""
+    return {"step": step, "consumed_samples": consumed_samples}
+
+
+def begin_save(save_dir: str, step: int) -> tuple[Path, str]:
+    """Step 1 of the protocol (every rank): stale ``*.tmp`` removed by rank 0, barrier. Returns
+    ``(run directory, tag)``; the shards go to ``tag + TMP_SUFFIX``."""
     root = Path(save_dir)
-    tag = tag_for(step)
-    tmp_tag = tag + TMP_SUFFIX
-    final, tmp = root / tag, root / tmp_tag
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob("step*" + TMP_SUFFIX):
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
     _barrier()  # nobody writes into a directory rank 0 is still removing
-    _write_shards(engine, save_dir, tmp_tag, {"step": step, "consumed_samples": consumed_samples})
-    _barrier()  # every rank has written its shards
-    files = integrity.manifest(tmp)  # collective: the ranks share the hashing
-    if on_written is not None:
-        on_written(step)
+    return root, tag_for(step)
+
+
+def run_meta(cfg, layout, step: int, consumed_samples: int, last_loss: float, reason: str,
+             extra: Optional[dict]) -> dict:
+    """``run.json`` without its ``files`` table, as of the step being saved (rank 0)."""
+    import deepspeed
+    import megatron.core
+    import torch
+    return {"step": step, "consumed_samples": consumed_samples, "last_loss": last_loss, "reason": reason,
+            "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "world_size": layout.world_size},
+            "config": config_to_dict(cfg), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                         "megatron-core": getattr(megatron.core, "__version__", "?")}, **(extra or {})}
+
+
+def finish_save(root: Path, step: int, meta: Optional[dict], files: dict, keep_last: int) -> Path:
+    """Step 3 of the protocol (every rank, all shards written): rank 0 writes ``run.json`` with the
+    ``files`` table into ``stepN.tmp``, renames it to ``stepN``, replaces ``latest``, prunes; barrier."""
+    tag = tag_for(step)
+    final, tmp = root / tag, root / (tag + TMP_SUFFIX)
     if _rank() == 0:
-        import deepspeed
-        import megatron.core
-        import torch
-        meta = {"step": step, "consumed_samples": consumed_samples, "last_loss": last_loss, "reason": reason,
-                "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "world_size": layout.world_size},
-                "config": config_to_dict(cfg), "files": files, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                             "megatron-core": getattr(megatron.core, "__version__", "?")}, **(extra or {})}
+        meta = dict(meta)
+        meta["files"] = files
         _write_atomic(tmp / META, json.dumps(meta, indent=2, default=str))
         if final.exists():  # a complete checkpoint of this step from a run that crashed before `latest`
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_atomic(root / LATEST, tag)
-        prune(root, cfg.train.keep_last)
+        prune(root, keep_last)
     _barrier()
     return final
 

@@ -1,10 +1,11 @@
 """Per-file sizes and checksums of a checkpoint, recorded at save time and checked before loading.
 
 ``run.json`` (the completeness marker) carries ``files``: ``{relative path: [size, crc32]}`` for
-every file of the checkpoint directory except ``run.json`` itself. CRC-32 (zlib) runs at several
-GB/s on one core, faster than storage writes; the files are split over the ranks, each hashes its
-share (just written, usually still in the page cache) and rank 0 gathers the table, so the hashing
-adds a small fraction to a save. Verification before a resume works the same way: sizes on every
+every file of the checkpoint directory except ``run.json`` itself. The files are split over the
+ranks, each hashes its share (just written, usually still in the page cache) and rank 0 gathers the
+table. Measured (bench/results/h100-async-save.json): zlib CRC-32 at 4.2 GB/s in memory, 2.8 GB/s
+re-reading cached files; one rank holding a 26.3 GB ZeRO-1 checkpoint spends 9.3 s on it, 23 % of a
+40 s synchronous save (an asynchronous save hashes in its background writer instead). Verification before a resume works the same way: sizes on every
 rank (a ``stat`` per file), CRCs split over the ranks, the first problem found is reported by all.
 
 A checkpoint written before this table existed has no ``files``: it is accepted unchecked.
@@ -35,7 +36,8 @@ def crc32_of(path: Path) -> int:
     return crc
 
 
-def _files(ckpt: Path) -> list[str]:
+def list_files(ckpt: Path) -> list[str]:
+    """Every file under ``ckpt`` but ``run.json``, as sorted relative paths."""
     return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MARKER)
 
 
@@ -56,7 +58,7 @@ def manifest(ckpt: Path, collective: bool = True) -> dict[str, list[int]]:
     """``{relative path: [size, crc32]}`` of the files under ``ckpt``; with ``collective`` every rank
     calls it and hashes a share, otherwise the calling process hashes everything (converters)."""
     rank, world = _dist() if collective else (0, 1)
-    names = _files(ckpt) if rank == 0 else None
+    names = list_files(ckpt) if rank == 0 else None
     if world > 1:  # one listing, so every rank splits the same list
         box = [names]
         dist.broadcast_object_list(box, src=0)

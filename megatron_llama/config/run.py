@@ -126,6 +126,9 @@ class TrainConfig:
     save_interval: int = 0
     save_minutes: float = 0.0
     keep_last: int = 2
+    # interval and timed saves copy the shards to host memory and write them in the background
+    # (megatron_llama/checkpoint/async_save.py); signal and final saves are complete before exit
+    async_save: bool = False
     wandb_project: Optional[str] = None
     init_from: Optional[str] = None  # hf:DIR or a native checkpoint: weights only, fresh optimizer, step 0
     # init_from with an extension of the source's tokenizer: the embedding / head rows of the new ids start
