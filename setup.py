@@ -20,7 +20,8 @@ setup(
         "zstandard",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-xdist", "hypothesis", "transformers", "safetensors", "matplotlib", "tensorboard"],
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "transformers", "safetensors", "matplotlib", "tensorboard",
+                "trl==1.16.0"],  # trl: the DPO reference (tests/test_dpo_parity.py)
         "tensorboard": ["tensorboard"],  # train.tensorboard_dir
         "plot": ["matplotlib"],          # mllama-plot
         # mllama-bench --baseline torchtitan,torchtitan-fp8 (0.3 needs a newer torch than 2.11)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .dpo import DPOConfig
 from .errors import ConfigError
 from .model import ModelConfig
 
@@ -225,6 +226,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)  # read when train.objective=dpo
 
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model)
