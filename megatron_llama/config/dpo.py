@@ -8,9 +8,9 @@
   per-token averaged log-ratios, as TRL computes it).
 * ``label_smoothing``: the conservative DPO (cDPO) flip probability eps in [0, 0.5): the loss is
   ``(1 - eps) * -log sigma(beta * d) + eps * -log sigma(-beta * d)``. Only for ``sigmoid``.
-* ``reference_logps``: a stored reference pass to use (megatron_llama/data/reference_logps.py);
-  unset = the file beside the dataset named by the checksums of the reference model and the data,
-  computed before the first step when it is not there yet.
+* ``reference_dir``: where the stored reference passes live (megatron_llama/data/reference_logps.py);
+  unset = beside the dataset. A pass is computed before the first step when its file is not there
+  yet; a file computed for other data (or another model) is refused in one line.
 
 The reference model is always the policy's starting point, ``train.init_from`` (an SFT checkpoint
 or ``hf:DIR``); the section is validated on its own here and against the run in ``run.py``.
@@ -30,7 +30,7 @@ class DPOConfig:
     beta: float = 0.1
     loss: str = "sigmoid"
     label_smoothing: float = 0.0
-    reference_logps: Optional[str] = None
+    reference_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not self.beta > 0:  # also catches NaN
