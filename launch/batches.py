@@ -16,7 +16,16 @@ from megatron_llama.data import MicroBatchIterator, build_train_dataset
 def open_batches(cfg: RunConfig, consumed_samples: int, dp_rank: int, dp_size: int,
                  rank_zero_first: Callable) -> tuple[Iterator, str]:
     """``(iterator of this DP rank's micro-batches (tokens, labels) [b, s], source description)``;
-    with ``data.sft``: micro-batches ``(tokens, labels, answer_mask, segments)``."""
+    with ``data.sft``: micro-batches ``(tokens, labels, answer_mask, segments)``; with a pair objective
+    (``train.objective`` reward / dpo): ``(tokens, labels, loss_mask, margin, pair_index)``, the
+    contract of megatron_llama/data/preference_dataset.py."""
+    if cfg.preference:
+        from megatron_llama.data.preference_build import build_preference_dataset
+        from megatron_llama.data.preference_dataset import PreferenceBatchIterator
+        ds = build_preference_dataset(cfg.data, cfg.train.seed, cfg.model.vocab_size, rank_zero_first=rank_zero_first)
+        it = PreferenceBatchIterator(ds, cfg.train.seed, consumed_samples, dp_rank, dp_size, cfg.train.micro_batch_size)
+        epoch = ds.epoch_steps(cfg.train.micro_batch_size * cfg.train.grad_accum_steps * dp_size)
+        return iter(it), f"{ds.describe()}; one epoch = {epoch:,} steps"
     if cfg.data.sft:
         from megatron_llama.data.sft_build import build_sft_dataset
         from megatron_llama.data.sft_dataset import SFTBatchIterator

@@ -66,7 +66,8 @@ class StepLogger:
         self.print(f"  layout {lay.describe()}, ZeRO-{c.parallel.zero_stage}, {str(dtype).replace('torch.', '')}, "
                    f"checkpointing {c.parallel.activation_checkpointing}" + (f" | {stages}" if stages else ""))
         self.print(f"  batch {t.micro_batch_size} x {t.grad_accum_steps} micro-batches x DP{lay.dp} = "
-                   f"{t.micro_batch_size * t.grad_accum_steps * lay.dp} sequences x {c.data.seq_len} tokens = "
+                   f"{t.micro_batch_size * t.grad_accum_steps * lay.dp} {'pairs x 2' if c.preference else 'sequences'} x "
+                   f"{c.data.seq_len} tokens = "
                    f"{fmt_count(self.tokens_per_step)} tokens/step; {t.steps} steps, lr {t.lr:g}")
         self.print(f"  data: {source}")
         self.print(f"  FLOPs/token {self.flops_per_token:.3g} (6*N_matmul + 12*L*d*s); peak "
@@ -87,7 +88,7 @@ class StepLogger:
         return {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm, "tokens_per_s": tok_s,
                 "tflops_per_gpu": model_tflops_per_gpu(tok_s, self.cfg.model, seq, world),
                 "mfu": mfu(tok_s, self.cfg.model, seq, world, self.peak),
-                "mem_gib": memory_gib(self.device), "step_time_s": step_time_s}
+                "mem_gib": memory_gib(self.device), "step_time_s": step_time_s, **getattr(result, "metrics", {})}
 
     def step(self, step: int, result, elapsed_total: float, steps_done: int) -> None:
         """``step`` is 1-based; console throughput is measured since the previous logged step."""
@@ -103,7 +104,8 @@ class StepLogger:
         eta = elapsed_total / max(1, steps_done) * (self.total_steps - step)
         width = len(str(self.total_steps))
         u = m["mfu"]
-        self.print(f"step {step:>{width}}/{self.total_steps} | loss {result.loss:.4f} | lr {result.lr:.2e} | "
+        extra = "".join(f"{k.replace('_', ' ')} {v:.4f} | " for k, v in getattr(result, "metrics", {}).items())
+        self.print(f"step {step:>{width}}/{self.total_steps} | loss {result.loss:.4f} | {extra}lr {result.lr:.2e} | "
                    f"grad {result.grad_norm:.3f} | {fmt_count(m['tokens_per_s'])} tok/s | "
                    f"{m['tflops_per_gpu']:.3g} TFLOP/s/GPU | MFU {'-' if u is None else f'{100 * u:.1f}%'} | "
                    f"mem {m['mem_gib']:.2f} GiB | ETA {fmt_duration(eta)}")

@@ -81,7 +81,9 @@ def report(records: list[dict], run_dir: str) -> list[str]:
     lines.append(f"  training loss: first {train[0]['loss']:.4f}, last {last['loss']:.4f}")
     if valid:
         best = min(valid, key=lambda r: r["valid_loss"])
-        lines.append(f"  validation loss: best {best['valid_loss']:.4f} (ppl {best['valid_ppl']:.2f}) at step "
+        what = (f"ppl {best['valid_ppl']:.2f}" if "valid_ppl" in best  # pair objectives report no perplexity
+                else f"accuracy {best.get('valid_accuracy', float('nan')):.3f}")
+        lines.append(f"  validation loss: best {best['valid_loss']:.4f} ({what}) at step "
                      f"{best['step']}; last {valid[-1]['valid_loss']:.4f} at step {valid[-1]['step']}")
     else:
         lines.append("  validation loss: none recorded (set data.valid_fraction or data.valid_sources)")

@@ -155,7 +155,7 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
     init_weights, init_line = _init_from(cfg, layout, save)
     engine = TrainEngine(cfg, layout, topo, device, schedule_for(cfg.train), init_weights=init_weights)
     global_batch = t.micro_batch_size * t.grad_accum_steps * layout.dp
-    tokens_per_step = global_batch * cfg.data.seq_len
+    tokens_per_step = global_batch * cfg.data.seq_len * (2 if cfg.preference else 1)  # a pair is two rows
 
     start_step, consumed = checkpoint.resume(engine, layout, t.save_dir) if save else (0, 0)
     batches, source = open_batches(cfg, consumed, layout.dp_rank, layout.dp, rank_zero_first)
@@ -227,7 +227,9 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
                 v = validator.run()
                 monitor.valid(step, v)
                 summary.valid_losses.append([step, v["valid_loss"]])
-                logger.print(f"validation at step {step}: loss {v['valid_loss']:.4f} | ppl {v['valid_ppl']:.2f}")
+                extra = " | ".join(f"{k[6:].replace('_', ' ')} {x:.2f}" if k == "valid_ppl" else
+                                   f"{k[6:].replace('_', ' ')} {x:.4f}" for k, x in v.items() if k != "valid_loss")
+                logger.print(f"validation at step {step}: loss {v['valid_loss']:.4f} | {extra}")
             if on_step is not None:
                 on_step(step)
             for kind in ("kill", "term", "wait-signal", "corrupt"):

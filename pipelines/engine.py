@@ -27,7 +27,7 @@ import contextlib
 import io
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -35,10 +35,12 @@ import torch.distributed as dist
 
 from megatron_llama.config import RunConfig
 from megatron_llama.model import LMHead, LlamaModel, fp8, lm_loss
+from megatron_llama.model.score_head import ScoreHead
 
 from .bf16_grads import fuse_grad_accumulation
 from .bf16_step import make_step_sync_free, skip_single_rank_allreduce
 from .compile_policy import use_compile
+from .objectives import objective_for
 from .tied import install_tied_grad_reduction
 from .token_weights import weigh_answer_tokens
 from .topology import ParallelLayout
@@ -115,6 +117,7 @@ class StepResult:
     grad_norm: float     # global gradient norm before clipping
     lr: float            # learning rate used by this step's update
     skipped: bool = False  # the update was not applied (non-finite gradients, or step_gate said so)
+    metrics: dict = field(default_factory=dict)  # the objective's numbers beside the loss (reward: accuracy, ...)
 
 
 class TrainEngine:
@@ -135,12 +138,14 @@ class TrainEngine:
         if cfg.train.precision == "fp8":
             fp8.check_supported(device)
         ds_conf = deepspeed_config(cfg, layout.dp, self.dtype)
+        self.objective = objective_for(cfg, layout.tp)
         # DeepSpeed prints banners from rank 0 (topology, seeds); keep the trainer's output readable.
         mute = contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
         with mute:
             if self.pipelined:
                 from .stages import build_pipeline_module
-                model = build_pipeline_module(cfg, topology, self.dtype, device, layout.dp)
+                model = build_pipeline_module(cfg, topology, self.dtype, device, layout.dp,
+                                              loss_fn=self.objective.loss)
                 mpu = None  # a PipelineModule brings its own grid
             else:
                 model = LlamaModel(cfg.model, cfg.parallel, dtype=self.dtype, device=device, seed=cfg.train.seed,
@@ -149,7 +154,7 @@ class TrainEngine:
             if init_weights is not None:  # before DeepSpeed copies the weights into its fp32 masters
                 init_weights(model)
             if cfg.train.precision == "fp8":  # float8 GEMMs in the blocks' TP layers, LM head in bf16
-                fp8.convert(model, cfg.train.fp8_recipe, skip=(LMHead,))
+                fp8.convert(model, cfg.train.fp8_recipe, skip=(LMHead, ScoreHead))
             optimizer = build_optimizer(model, cfg, device)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
             self._gate_client_step(optimizer)  # after LambdaLR, which wraps step() itself
@@ -188,18 +193,23 @@ class TrainEngine:
         self._decision = None
         ds_skipped = self.engine.skipped_steps
         micro_batches = [tuple(t.to(self.device) for t in mb) for mb in micro_batches]
-        if micro_batches and len(micro_batches[0]) == 4:
+        pairs = self.objective.pairs
+        if micro_batches and len(micro_batches[0]) == 4 and not pairs:
             micro_batches, _ = weigh_answer_tokens(micro_batches, self.layout.dp,
                                                    self.grid.get_data_parallel_group(), self.device)
         if self.pipelined:
             # first stage reads the inputs, last stage the loss targets (DeepSpeed's contract)
-            it = (((mb[0], mb[3]), (mb[1], mb[2])) if len(mb) == 4 else mb for mb in micro_batches)
+            it = (self._pipe_item(mb) for mb in micro_batches)
             loss = self.engine.train_batch(data_iter=it).item()
         else:
             total = self._loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-            for tokens, labels, *sft in micro_batches:
-                logits = self.engine(tokens, sft[1]) if sft else self.engine(tokens)
-                loss_t = lm_loss(logits, labels, sft[0] if sft else None)
+            for tokens, labels, *rest in micro_batches:
+                if pairs:  # (tokens, labels, loss_mask, margin, pair_index): preference_dataset.py
+                    loss_t = self.objective.loss(self.engine(tokens), (labels, *rest))
+                else:
+                    sft = rest
+                    logits = self.engine(tokens, sft[1]) if sft else self.engine(tokens)
+                    loss_t = lm_loss(logits, labels, sft[0] if sft else None)
                 self.engine.backward(loss_t)
                 total += loss_t.detach().float()  # before step(): the gate reads it
                 self.engine.step()
@@ -217,7 +227,16 @@ class TrainEngine:
         elif not math.isfinite(norm) and self.sync_free_step:  # skipped on the device (bf16_step.py)
             self.engine.skipped_steps += 1
             skipped = True
-        return StepResult(loss=loss, grad_norm=norm, lr=lr, skipped=skipped)
+        return StepResult(loss=loss, grad_norm=norm, lr=lr, skipped=skipped,
+                          metrics=self.objective.collect(self.device))
+
+    def _pipe_item(self, mb: tuple) -> tuple:
+        """A micro-batch as DeepSpeed's pipeline wants it: (first stage inputs, last stage labels)."""
+        if self.objective.pairs:  # tokens [2P, s]; (labels, loss_mask, margin, pair_index)
+            return mb[0], tuple(mb[1:])
+        if len(mb) == 4:  # SFT
+            return (mb[0], mb[3]), (mb[1], mb[2])
+        return mb
 
     def _gate_client_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Route the client optimizer's ``step`` through :attr:`step_gate` (decided once per step:
@@ -256,19 +275,24 @@ class TrainEngine:
         norm = getattr(self.optimizer, "_global_grad_norm", None)
         return None if norm is None else float(norm.item() if torch.is_tensor(norm) else norm)
 
-    def eval_step(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        """Mean loss over ``grad_accum_steps`` micro-batches ``(tokens, labels)`` [b, s] of every DP
-        rank, without gradients; the same value on every rank."""
+    def eval_step(self, micro_batches: Iterable[tuple[torch.Tensor, ...]]) -> float:
+        """Mean loss over ``grad_accum_steps`` micro-batches ``(tokens, labels)`` [b, s] (pair
+        objectives: preference micro-batches) of every DP rank, without gradients; the same value
+        on every rank. The objective's metrics of these batches: ``objective.collect`` next."""
         if self.pipelined:
-            it = ((tok.to(self.device), lab.to(self.device)) for tok, lab in micro_batches)
+            it = (self._pipe_item(tuple(t.to(self.device) for t in mb)) for mb in micro_batches)
             out = self.engine.eval_batch(data_iter=it)
             self.engine.module.train()
             return float(out.item())
         self.engine.module.eval()
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         with torch.no_grad():
-            for tokens, labels in micro_batches:
-                total += lm_loss(self.engine(tokens.to(self.device)), labels.to(self.device)).float()
+            for mb in micro_batches:
+                tokens, labels, *rest = (t.to(self.device) for t in mb)
+                if self.objective.pairs:
+                    total += self.objective.loss(self.engine(tokens), (labels, *rest)).float()
+                else:
+                    total += lm_loss(self.engine(tokens), labels).float()
         self.engine.module.train()
         total /= self.cfg.train.grad_accum_steps
         if self.layout.dp > 1:

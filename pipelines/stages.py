@@ -14,6 +14,11 @@ vocab-parallel cross entropy on the last stage, logits never gathered.
 SFT (packed samples): inputs are ``(tokens, segments)``, activations ``(hidden, segments)``
 (segments [b, s] int64, no gradient, so attention stays inside each sample on every stage),
 labels ``(labels, token weights)``.
+Preference pairs (``train.objective`` reward / dpo; the micro-batch contract is in
+``megatron_llama/data/preference_dataset.py``): inputs ``tokens`` [2P, s] (one sample per row, plain
+causal attention, so activations stay ``(hidden,)``), labels ``(labels, loss_mask, margin,
+pair_index)``; the last layer is the objective's head (reward: ``ScoreHeadPipe``) and ``loss_fn``
+the objective's loss (pipelines/objectives.py).
 
 Activation checkpointing is done inside ``TransformerBlock`` (none / selective / full), never by
 DeepSpeed's ``activation_checkpoint_interval``, which would also checkpoint the embedding.
@@ -29,6 +34,7 @@ from megatron.core import parallel_state
 from megatron_llama.config import RunConfig
 from megatron_llama.model import Embedding, FinalNorm, LMHead, TransformerBlock, layer_names, lm_loss
 from megatron_llama.model.init import initialize_module
+from megatron_llama.model.score_head import ScoreHead
 from megatron_llama.model.tp_config import megatron_config
 
 from .balance import blocks_per_stage, stage_boundaries
@@ -100,6 +106,18 @@ class LMHeadPipe(LMHead):
         return super().forward(_hidden(x))  # logits [s, b, V/tp]: the last stage's output
 
 
+class ScoreHeadPipe(ScoreHead):
+    """A reward model's scalar head (model/score_head.py): hidden -> scores [s, b]."""
+
+    def __init__(self, cfg: RunConfig, dtype: torch.dtype, device: torch.device):
+        mp, _group = _build_args(cfg, dtype, device)
+        super().__init__(cfg.model, mp)
+        _init(self, "head", cfg)
+
+    def forward(self, x):
+        return super().forward(_hidden(x))
+
+
 def pipeline_loss(logits: torch.Tensor, labels) -> torch.Tensor:
     """loss_fn of the pipeline: mean token cross entropy, vocab-parallel. SFT's labels are
     ``(labels, token weights)`` (pipelines/token_weights.py)."""
@@ -141,9 +159,10 @@ class LlamaPipeline(PipelineModule):
 
 def layer_specs(cfg: RunConfig, dtype: torch.dtype, device: torch.device) -> list[LayerSpec]:
     n = cfg.model.num_layers
+    head = ScoreHeadPipe if cfg.model.head == "score" else LMHeadPipe
     return ([LayerSpec(EmbeddingPipe, cfg, dtype, device)]
             + [LayerSpec(TransformerBlockPipe, i, cfg, dtype, device) for i in range(n)]
-            + [LayerSpec(FinalNormPipe, cfg, dtype, device), LayerSpec(LMHeadPipe, cfg, dtype, device)])
+            + [LayerSpec(FinalNormPipe, cfg, dtype, device), LayerSpec(head, cfg, dtype, device)])
 
 
 def describe_stages(cfg: RunConfig, boundaries: list[int]) -> str:
@@ -158,10 +177,12 @@ def describe_stages(cfg: RunConfig, boundaries: list[int]) -> str:
 
 
 def build_pipeline_module(cfg: RunConfig, topology, dtype: torch.dtype, device: torch.device,
-                          dp: int) -> LlamaPipeline:
-    """This rank's stage of the model, as a DeepSpeed PipelineModule over ``topology``."""
+                          dp: int, loss_fn=pipeline_loss) -> LlamaPipeline:
+    """This rank's stage of the model, as a DeepSpeed PipelineModule over ``topology``;
+    ``loss_fn(last stage output, labels)`` is the objective's (pipelines/objectives.py)."""
     bounds = stage_boundaries(cfg.model, cfg.parallel, dp=dp, seq_len=cfg.data.seq_len,
                               micro_batch_size=cfg.train.micro_batch_size, bf16=dtype == torch.bfloat16)
-    return LlamaPipeline(layer_specs(cfg, dtype, device), bounds, tied=cfg.model.tie_embeddings,
-                         topology=topology, loss_fn=pipeline_loss, partition_method="given",
+    tied = cfg.model.tie_embeddings and cfg.model.head == "lm"
+    return LlamaPipeline(layer_specs(cfg, dtype, device), bounds, tied=tied,
+                         topology=topology, loss_fn=loss_fn, partition_method="given",
                          activation_checkpoint_interval=0, base_seed=cfg.train.seed)

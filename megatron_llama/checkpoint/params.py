@@ -62,7 +62,10 @@ def _layer_params(cfg: ModelConfig, tp: int) -> list[tuple[str, list[tuple[str, 
               ("post_attention_norm.weight", (d,), "replicated"),
               ("mlp.gate_up.weight", (2 * f, d), "gate_up"),
               ("mlp.down.weight", (d, f), "cols")]
-    head = [] if cfg.tie_embeddings else [("output.weight", (vocab, d), "vocab")]
+    if cfg.head == "score":  # a reward model: LlamaForSequenceClassification's score.weight, replicated
+        head = [("score.weight", (1, d), "replicated")]
+    else:
+        head = [] if cfg.tie_embeddings else [("output.weight", (vocab, d), "vocab")]
     return ([("embedding", embedding)] + [(f"layers.{i}", block) for i in range(cfg.num_layers)]
             + [("final_norm", [("norm.weight", (d,), "replicated")]), ("head", head)])
 
@@ -76,7 +79,7 @@ def param_table(cfg: ModelConfig, tp: int = 1) -> list[ParamInfo]:
     for layer, (prefix, params) in enumerate(_layer_params(cfg, tp)):
         for local, shape, split in params:
             copy = None
-            if cfg.tie_embeddings and layer == 0 and local == "word_embeddings.weight":
+            if cfg.tie_embeddings and cfg.head == "lm" and layer == 0 and local == "word_embeddings.weight":
                 copy = f"{head_layer}.output.weight"
             rows.append(ParamInfo(f"{prefix}.{local}", layer, local, shape, split, copy))
     return rows

@@ -7,6 +7,8 @@ from typing import Optional
 
 from .errors import ConfigError
 
+HEADS = ("lm", "score")
+
 
 @dataclass
 class ModelConfig:
@@ -15,6 +17,8 @@ class ModelConfig:
     ``ffn_hidden_size`` is derived as in Meta's reference code when left unset:
     ``multiple_of * ceil(ffn_dim_multiplier * int(8 * hidden / 3) / multiple_of)``.
     ``num_kv_heads`` < ``num_attention_heads`` gives grouped-query attention.
+    ``head``: ``lm`` (the vocab-parallel LM head) or ``score`` (a reward model's scalar head,
+    ``LlamaForSequenceClassification``'s ``score.weight`` [1, d]); set from ``train.objective``.
     """
 
     name: str = "custom"
@@ -33,6 +37,7 @@ class ModelConfig:
     embedding_layernorm: bool = False
     tie_embeddings: bool = False
     init_std: float = 0.02
+    head: str = "lm"
 
     def __post_init__(self) -> None:
         if self.num_kv_heads is None:
@@ -58,6 +63,9 @@ class ModelConfig:
                 f"model.num_kv_heads={self.num_kv_heads} does not divide "
                 f"model.num_attention_heads={self.num_attention_heads}: each KV head must serve "
                 f"a whole group of query heads")
+        if self.head not in HEADS:
+            raise ConfigError(f"model.head={self.head!r}: choose one of {', '.join(HEADS)} (train.objective=reward "
+                              "sets score)")
         if self.head_dim % 2:
             raise ConfigError(f"head dim {self.head_dim} must be even for rotary embeddings")
 
@@ -89,6 +97,8 @@ class ModelConfig:
         return n + (2 * self.hidden_size if self.embedding_layernorm else 0)
 
     def head_params(self, tp: int = 1) -> int:
+        if self.head == "score":
+            return self.hidden_size
         return 0 if self.tie_embeddings else self.padded_vocab_size(tp) * self.hidden_size
 
     def num_params(self, tp: int = 1) -> int:
@@ -97,5 +107,5 @@ class ModelConfig:
 
     def matmul_params(self) -> int:
         """Parameters that take part in matrix products (blocks + LM head), for FLOP counts."""
-        head = self.vocab_size * self.hidden_size
+        head = self.vocab_size * self.hidden_size if self.head == "lm" else self.hidden_size
         return self.num_layers * (self.block_params() - 2 * self.hidden_size) + head

@@ -90,6 +90,10 @@ class ParallelConfig:
                               " every pipeline stage needs at least one transformer block")
 
 
+OBJECTIVES = ("lm", "reward", "dpo")
+PAIR_OBJECTIVES = ("reward", "dpo")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and bookkeeping. Global batch = micro_batch_size * grad_accum_steps * dp.
@@ -142,12 +146,18 @@ class TrainConfig:
     restart_backoff_s: float = 10.0  # wait before the first restart, doubled each time (at most 5 min)
     hang_timeout_s: float = 600.0    # a rank without progress this long exits 3 (0 = no watchdog)
     collective_timeout_s: float = 1800.0  # torch.distributed process-group timeout
+    # what the head stage optimises (pipelines/objectives.py): lm = next-token loss (pretraining,
+    # SFT); reward = pairwise ranking loss of a scalar-head reward model; dpo = direct preference
+    # optimisation. reward and dpo read preference pairs (data: mllama-preprocess --preference)
+    objective: str = "lm"
 
     def __post_init__(self) -> None:
         for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_interval", "eval_iters",
                      "spike_window", "spike_max_in_row"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"train.objective={self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         if self.fp8_recipe not in FP8_RECIPES:
@@ -203,8 +213,12 @@ class DataConfig:
     # held-out validation data: a fraction of the documents (never trained on), or own sources
     valid_fraction: float = 0.0
     valid_sources: list = field(default_factory=list)
+    # preference pairs (train.objective reward / dpo): a pair longer than seq_len on either side
+    preference_overlong: str = "truncate"  # truncate (both sides cut to seq_len) or drop
 
     def __post_init__(self) -> None:
+        if self.preference_overlong not in ("truncate", "drop"):
+            raise ConfigError(f"data.preference_overlong={self.preference_overlong!r}: choose truncate or drop")
         if self.seq_len is not None and self.seq_len < 2:
             raise ConfigError(f"data.seq_len must be >= 2, got {self.seq_len}")
         if self.sft_overlong not in ("truncate", "drop"):
@@ -228,6 +242,37 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)  # read when train.objective=dpo
 
+    @property
+    def preference(self) -> bool:
+        """The run reads preference pairs (megatron_llama/data/preference_dataset.py)."""
+        return self.train.objective in PAIR_OBJECTIVES
+
+    def _check_objective(self) -> None:
+        """The objective decides the head (reward: score) and the data (reward/dpo: pairs)."""
+        objective = self.train.objective
+        if objective == "dpo":
+            raise ConfigError("train.objective=dpo is not implemented yet: train a reward model "
+                              "(train.objective=reward) or use objective=lm")
+        if objective == "reward":
+            self.model.head = "score"
+        elif self.model.head == "score":
+            raise ConfigError(f"model.head=score is a reward model's head, but train.objective={objective}: "
+                              "set train.objective=reward (or model.head=lm)")
+        if not self.preference:
+            return
+        if self.data.sft:
+            raise ConfigError(f"data.sft=true with train.objective={objective}: preference runs read pairs "
+                              "(mllama-preprocess --preference); drop data.sft")
+        if self.data.synthetic:
+            raise ConfigError(f"data.synthetic=true with train.objective={objective}: preference runs need "
+                              "real pairs; set data.corpus: data/preferences.jsonl (shipped) instead")
+        if self.parallel.sequence_parallel and self.parallel.tp > 1:
+            raise ConfigError(f"parallel.sequence_parallel=true with train.objective={objective} is not "
+                              "supported yet: set parallel.sequence_parallel=false")
+        if objective == "reward" and self.model.tie_embeddings:
+            raise ConfigError("model.tie_embeddings=true with train.objective=reward: a reward model has no "
+                              "LM head to tie; set model.tie_embeddings=false")
+
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model)
         if self.data.seq_len is None:
@@ -235,6 +280,7 @@ class RunConfig:
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}: raise max_seq_len or shorten seq_len")
+        self._check_objective()
         if self.parallel.sequence_parallel and self.data.seq_len % self.parallel.tp:
             raise ConfigError(f"parallel.sequence_parallel=true splits the sequence over tp={self.parallel.tp} "
                               f"ranks, but data.seq_len={self.data.seq_len} is not divisible by it: "

@@ -22,8 +22,10 @@ temporary name, renamed at the end).
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .preference_cli import EPILOG as PREF_EPILOG, add_preference_arguments, run_preference
     from .sft_cli import EPILOG as SFT_EPILOG, add_sft_arguments, run_sft
-    ap = argparse.ArgumentParser(prog="mllama-preprocess", description=__doc__, epilog=EPILOG + "\n" + SFT_EPILOG,
+    ap = argparse.ArgumentParser(prog="mllama-preprocess", description=__doc__,
+                                 epilog=EPILOG + "\n" + SFT_EPILOG + "\n" + PREF_EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, metavar="FILE",
                     help="JSONL files, plain, .gz or .zst, one document per line")
@@ -35,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-mb", type=float, default=1.0, help="input handed to a worker at a time")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     add_sft_arguments(ap)
+    add_preference_arguments(ap)
     args = ap.parse_args(argv)
+    if args.preference:
+        return run_preference(args)
     if args.sft:
         return run_sft(args)
     from .preprocess import preprocess

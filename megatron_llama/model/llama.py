@@ -15,6 +15,7 @@ from .block import TransformerBlock
 from .embedding import Embedding
 from .head import FinalNorm, LMHead, lm_loss
 from .init import initialize_module
+from .score_head import ScoreHead
 from .tp_config import megatron_config
 
 
@@ -24,7 +25,7 @@ def layer_names(cfg: ModelConfig) -> list[str]:
 
 
 class LlamaModel(torch.nn.Module):
-    """tokens [b, s] -> this TP rank's logits [s, b, V_padded/tp].
+    """tokens [b, s] -> this TP rank's logits [s, b, V_padded/tp] (``model.head=score``: scores [s, b]).
 
     Requires megatron-core's ``parallel_state`` to be initialised (its TP group is used by
     the layers and by the vocab-parallel loss). Weights are initialised from ``seed``
@@ -43,8 +44,11 @@ class LlamaModel(torch.nn.Module):
             TransformerBlock(cfg, mp, tp_group, parallel.activation_checkpointing, compile=compile)
             for _ in range(cfg.num_layers))
         self.final_norm = FinalNorm(cfg, mp, tp_group)
-        tied = (lambda: self.embedding.word_embeddings.weight) if cfg.tie_embeddings else None
-        self.head = LMHead(cfg, mp, tp_group, tied_weight=tied)
+        if cfg.head == "score":  # a reward model (score_head.py)
+            self.head = ScoreHead(cfg, mp)
+        else:
+            tied = (lambda: self.embedding.word_embeddings.weight) if cfg.tie_embeddings else None
+            self.head = LMHead(cfg, mp, tp_group, tied_weight=tied)
         rank, size = parallel_state.get_tensor_model_parallel_rank(), parallel.tp
         for name, layer in zip(layer_names(cfg), self.pipeline_layers()):
             initialize_module(layer, name, cfg, seed, rank, size)
