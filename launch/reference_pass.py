@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch
@@ -119,12 +119,8 @@ def _path(cfg: RunConfig, ds, split: str, key: dict) -> Path:
     return Path(cfg.dpo.reference_dir) / path.name if cfg.dpo.reference_dir else path
 
 
-def resolve_dpo_source(cfg: RunConfig) -> Optional[str]:
-    """The checks of a DPO run's reference before any process group exists (ConfigError)."""
+def check_policy_source(cfg: RunConfig) -> None:
+    """Before any weights are read: the policy (and reference) must be a language model, not a reward
+    model (ConfigError). config/run.py has already refused a DPO run without ``train.init_from``."""
     from megatron_llama.checkpoint.fingerprint import check_language_model
-    spec = cfg.train.init_from
-    if not spec:
-        raise ConfigError("train.objective=dpo needs a reference model, and there is none: set train.init_from "
-                          "to the SFT checkpoint (or hf:DIR) the policy starts from; it is also the reference")
-    check_language_model(spec)
-    return spec
+    check_language_model(cfg.train.init_from)

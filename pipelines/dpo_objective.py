@@ -27,20 +27,26 @@ from megatron_llama.model.dpo_loss import dpo_loss, reward_stats
 
 from .objectives import Objective
 
-# what dpo_step_loss's statistics hold, in order (sums over pairs; pairs last)
-STAT_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "loss", "pairs")
+# what dpo_step_loss's statistics hold, in order (sums over pairs; pairs last). The first six are
+# TRL's names; prefers_chosen: share of pairs whose chosen answer is the more likely one under the
+# policy (log p(chosen) > log p(rejected)), reference_prefers_chosen: the same under the reference
+STAT_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+              "logps/rejected", "prefers_chosen", "reference_prefers_chosen", "loss", "pairs")
 
 
 def dpo_step_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, ref_logps: torch.Tensor,
                   cfg: DPOConfig, pair_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [s, 2P, V/tp] (this TP rank's slice); labels, loss_mask [2P, s]; ref_logps [2P].
-    Returns (the micro-batch's scaled loss, a scalar to backpropagate; statistics [6] float64:
+    Returns (the micro-batch's scaled loss, a scalar to backpropagate; statistics [10] float64:
     the sums of ``STAT_NAMES`` over its pairs), the same on every TP rank."""
     policy = sequence_logps(logits, labels, loss_mask)
     terms = dpo_loss(policy, ref_logps.to(policy.device), loss_mask.sum(dim=1), cfg.beta, cfg.loss,
                      cfg.label_smoothing)
     pairs = terms["loss"].shape[0]
+    pol, ref = policy.detach().double(), ref_logps.to(policy.device).double()
     stats = torch.cat([reward_stats(terms["chosen_rewards"], terms["rejected_rewards"]),
+                       torch.stack([pol[:pairs].sum(), pol[pairs:].sum(), (pol[:pairs] > pol[pairs:]).double().sum(),
+                                    (ref[:pairs] > ref[pairs:]).double().sum()]),
                        terms["loss"].detach().double().sum().view(1),
                        torch.tensor([float(pairs)], dtype=torch.float64, device=policy.device)])
     return terms["loss"].sum() * pair_scale, stats

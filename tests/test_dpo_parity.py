@@ -8,7 +8,7 @@ concatenated forward on both models. We take that very batch (``input_ids``, ``c
 map the policy's weights into our TP-sliced model (``hf_to_native``), compute the reference's
 log-probs with our model built from ``ref_model``'s weights (the stored reference pass computes
 them the same way), and compare: loss, ``rewards/chosen``, ``rewards/rejected``,
-``rewards/accuracies``, ``rewards/margins`` and every parameter's gradient, rel err <= 1e-5.
+``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` and every parameter's gradient, rel err <= 1e-5.
 
 Losses: ``sigmoid`` (DPO), ``ipo``, and cDPO (sigmoid with label smoothing 0.2). TRL 1.16 has no
 cDPO loss type of its own (its ``label_smoothing`` feeds ``robust`` and ``exo_pair``); with
@@ -65,7 +65,7 @@ def trl_reference(case: str, policy, ref_model, tmpdir: str):
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))])
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
-    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("rewards/")}
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith(("rewards/", "logps/"))}
     return batch, loss.detach(), metrics
 
 
@@ -115,7 +115,8 @@ def test_dpo_matches_trl(dist_pool, tmp_path, tp, case):
     r = results[0]
     assert r["grad_norm"] > 1e-3, "the reference gradients should be non-trivial"
     assert r["loss"] <= TOL, f"{case} tp={tp}: loss rel err {r['loss']:.2e} (ours, TRL: {r['values']})"
-    assert set(r["metrics"]) == {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"}
+    assert set(r["metrics"]) == {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                                 "logps/chosen", "logps/rejected"}
     for name, (ours, theirs) in r["metrics"].items():
         assert ours == pytest.approx(theirs, rel=TOL, abs=1e-7), f"{case} tp={tp}: {name} {ours} vs TRL {theirs}"
     assert len(r["grads"]) == r["hf_params"], "every HF parameter gets a gradient to compare"

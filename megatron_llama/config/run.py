@@ -250,9 +250,10 @@ class RunConfig:
     def _check_objective(self) -> None:
         """The objective decides the head (reward: score) and the data (reward/dpo: pairs)."""
         objective = self.train.objective
-        if objective == "dpo":
-            raise ConfigError("train.objective=dpo is not implemented yet: train a reward model "
-                              "(train.objective=reward) or use objective=lm")
+        if objective == "dpo" and not self.train.init_from:
+            raise ConfigError("train.objective=dpo needs a reference model, and there is none: set "
+                              "train.init_from to the SFT checkpoint (or hf:DIR) the policy starts from; it is also "
+                              "the reference")
         if objective == "reward":
             self.model.head = "score"
         elif self.model.head == "score":
