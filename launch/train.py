@@ -57,6 +57,7 @@ class TrainSummary:
     skipped_steps: int = 0         # NaN/Inf or spike steps whose update was not applied
     rollbacks: int = 0
     diverged: Optional[str] = None  # why too many spikes / NaNs in a row stopped the run (exit status 4)
+    metrics: list = field(default_factory=list)  # per step: the objective's numbers (reward, DPO: rewards/...)
 
 
 def _env_rank() -> int:
@@ -221,6 +222,7 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
                                     rollbacks=summary.rollbacks, skipped=int(result.skipped))
             summary.losses.append(result.loss)
             summary.grad_norms.append(result.grad_norm)
+            summary.metrics.append(result.metrics)
             summary.lrs.append(result.lr)
             logger.step(step, result, time.perf_counter() - t0, step - start_step)
             if verdict.kind != "ok":  # one line; a rollback reloads the last checkpoint (launch/rollback.py)
