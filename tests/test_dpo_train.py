@@ -92,3 +92,40 @@ def test_dpo_is_the_same_in_every_layout(dist_pool, dpo_start):
                 assert abs(m3[k] - m[k]) <= 2e-6 * scale, (step, k, m3[k], m[k])
             elif step > 1 or k == "reference_prefers_chosen":
                 assert m3[k] == m[k], (step, k, m3[k], m[k])
+
+
+def _reward_model_hf(directory: Path) -> str:
+    """A real (tiny, random) LlamaForSequenceClassification directory, as reward models are exported."""
+    import transformers
+
+    from megatron_llama.config import preset
+    from megatron_llama.model.hf_mapping import hf_config_kwargs
+    config = transformers.LlamaConfig(**hf_config_kwargs(preset("tiny")), num_labels=1)
+    transformers.LlamaForSequenceClassification(config).save_pretrained(directory)
+    return f"hf:{directory}"
+
+
+BAD_INPUT = {  # name: (overrides, words the error line must contain)
+    "beta 0": (["dpo.beta=0"], "dpo.beta=0 must be > 0"),
+    "beta negative": (["dpo.beta=-0.5"], "dpo.beta=-0.5 must be > 0"),
+    "no reference": (["train.init_from=null"], "needs a reference model"),
+    "reward model as policy": (["train.init_from={reward}"], "is a reward model"),
+    "cdpo with ipo": (["dpo.loss=ipo", "dpo.label_smoothing=0.1"], "sigmoid loss only"),
+    "unknown loss": (["dpo.loss=hinge"], "dpo.loss='hinge'"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUT))
+def test_bad_dpo_input_is_one_line_and_status_2(name, tmp_path, capsys, monkeypatch):
+    from launch.train import main
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    args, words = BAD_INPUT[name]
+    if any("{reward}" in a for a in args):
+        reward = _reward_model_hf(tmp_path / "reward-hf")
+        args = [a.replace("{reward}", reward) for a in args]
+        capsys.readouterr()  # save_pretrained's progress bar
+    code = main([str(ROOT / "configs" / "dpo-tiny-cpu.yaml"), f"train.save_dir={tmp_path / 'run'}", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # nothing started
