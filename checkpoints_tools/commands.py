@@ -113,6 +113,10 @@ def run_tokenizer(config: RunConfig) -> Optional[str]:
     data = config.data
     if data.tokenizer:
         return data.tokenizer
+    if config.preference and data.corpus and Path(data.corpus).is_file():
+        from megatron_llama.data.preference_build import trained_tokenizer_prefix as preference_prefix
+        path = Path(f"{preference_prefix(data, config.model.vocab_size)}.model")
+        return str(path) if path.is_file() else None
     if data.sft and data.corpus and Path(data.corpus).is_file():
         from megatron_llama.data.sft_build import trained_tokenizer_prefix
         path = Path(f"{trained_tokenizer_prefix(data, config.model.vocab_size)}.model")
@@ -127,8 +131,9 @@ def run_tokenizer(config: RunConfig) -> Optional[str]:
 
 
 def chat_entries(config: RunConfig) -> Optional[dict]:
-    """A fine-tuned chat model's tokenizer_config.json entries: the chat template it was trained with."""
-    if not config.data.sft:
+    """A fine-tuned chat model's tokenizer_config.json entries: the chat template it was trained with
+    (SFT, and the preference objectives, whose pairs are rendered with it)."""
+    if not (config.data.sft or config.preference):
         return None
     from megatron_llama.data.chat_template import chat_template
     return chat_template(config.data.chat_template).hf_tokenizer_config()

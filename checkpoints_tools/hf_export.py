@@ -26,7 +26,7 @@ def hf_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     """Every HF tensor name with its shape, in file order."""
     d, h = cfg.hidden_size, cfg.head_dim
     q, kv, f = cfg.num_attention_heads * h, cfg.num_kv_heads * h, cfg.ffn_hidden_size
-    shape = {"embed_tokens.weight": (cfg.vocab_size, d), "lm_head.weight": (cfg.vocab_size, d),
+    shape = {"embed_tokens.weight": (cfg.vocab_size, d), "lm_head.weight": (cfg.vocab_size, d), "score.weight": (1, d),
              "q_proj.weight": (q, d), "k_proj.weight": (kv, d), "v_proj.weight": (kv, d), "q_proj.bias": (q,),
              "k_proj.bias": (kv,), "v_proj.bias": (kv,), "o_proj.weight": (d, q), "gate_proj.weight": (f, d),
              "up_proj.weight": (f, d), "down_proj.weight": (d, f), "norm.weight": (d,), "layernorm.weight": (d,)}
@@ -87,7 +87,8 @@ def write_hf(out: Path, cfg: ModelConfig, layers: Iterable[tuple[str, dict[str, 
 
 
 def write_hf_config(out: Path, cfg: ModelConfig, dtype: torch.dtype, bos_id: int = 1, eos_id: int = 2) -> None:
-    arch = "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+    arch = ("Qwen2" if cfg.qkv_bias else "Llama") + ("ForSequenceClassification" if cfg.head == "score"
+                                                      else "ForCausalLM")
     if cfg.embedding_layernorm:
         raise ConfigError("model.embedding_layernorm=true (BLOOM's embedding LayerNorm) has no LLaMA equivalent in "
                           "transformers: this model cannot be exported to HF")
@@ -96,9 +97,29 @@ def write_hf_config(out: Path, cfg: ModelConfig, dtype: torch.dtype, bos_id: int
             "attention_bias": cfg.qkv_bias, "mlp_bias": False, "head_dim": cfg.head_dim,
             "bos_token_id": bos_id, "eos_token_id": eos_id, "use_cache": True,
             "torch_dtype": str(dtype).replace("torch.", "")}
+    if cfg.head == "score":  # a reward model: one scalar label (model/score_head.py)
+        conf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, tie_word_embeddings=False)
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
     gen = {"bos_token_id": bos_id, "eos_token_id": eos_id, "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def _name_scoring_pad(out: Path, tok, tokenizer_conf: dict, special: dict) -> None:
+    """A reward model (``*ForSequenceClassification``) scores the last token that is not
+    ``pad_token_id``; ours scores the last token of the sequence, the answer's EOS
+    (model/score_head.py). So the pad token must be one that never ends a sequence and differs
+    from EOS: SentencePiece's ``<unk>`` (byte fallback never emits it). Padded batches
+    (``tokenizer(..., padding=True)``, left or right) then score exactly as ours."""
+    path = out / "config.json"
+    c = json.loads(path.read_text())
+    if not c["architectures"][0].endswith("ForSequenceClassification"):
+        return
+    if tok.unk_id < 0 or tok.unk_id == tok.eos_id:
+        raise ConfigError(f"tokenizer {tok.path} has no <unk> piece distinct from EOS to pad with: a reward model "
+                          "export needs one (HF scores the last non-pad token)")
+    c["pad_token_id"] = tok.unk_id
+    path.write_text(json.dumps(c, indent=2) + "\n")
+    tokenizer_conf["pad_token"] = special["pad_token"] = tok.sp.id_to_piece(tok.unk_id)
 
 
 def write_tokenizer(out: Path, tokenizer_model: Optional[str], max_len: int,
@@ -117,12 +138,13 @@ def write_tokenizer(out: Path, tokenizer_model: Optional[str], max_len: int,
     conf = {"tokenizer_class": "LlamaTokenizer", **special, "pad_token": None, "add_bos_token": True,
             "add_eos_token": False, "model_max_length": max_len, "clean_up_tokenization_spaces": False,
             "legacy": False, "sp_model_kwargs": {}, **(extra or {})}
-    (out / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     # generation_config / config.json carry the tokenizer's real BOS/EOS ids
     for name in ("config.json", "generation_config.json"):
         p = out / name
         c = json.loads(p.read_text())
         c.update(bos_token_id=tok.bos_id if tok.bos_id >= 0 else None, eos_token_id=tok.eos_id)
         p.write_text(json.dumps(c, indent=2) + "\n")
+    _name_scoring_pad(out, tok, conf, special)
+    (out / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     return tok.describe()

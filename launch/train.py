@@ -54,6 +54,8 @@ class TrainSummary:
     resumed_from: Optional[int] = None
     stop_signal: Optional[int] = None  # SIGTERM/SIGUSR1 that stopped the run early (checkpoint saved)
     valid_losses: list = field(default_factory=list)  # [step, validation loss]
+    metrics: list = field(default_factory=list)  # per step: the objective's numbers (reward: accuracy, reward_gap)
+    valid_metrics: list = field(default_factory=list)  # [step, {valid_loss, valid_accuracy, ...}]
     skipped_steps: int = 0         # NaN/Inf or spike steps whose update was not applied
     rollbacks: int = 0
     diverged: Optional[str] = None  # why too many spikes / NaNs in a row stopped the run (exit status 4)
@@ -224,6 +226,7 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
             summary.grad_norms.append(result.grad_norm)
             summary.metrics.append(result.metrics)
             summary.lrs.append(result.lr)
+            summary.metrics.append(result.metrics)
             logger.step(step, result, time.perf_counter() - t0, step - start_step)
             if verdict.kind != "ok":  # one line; a rollback reloads the last checkpoint (launch/rollback.py)
                 step, consumed = respond(verdict, step, samples, engine, layout, t.save_dir if save else None,
@@ -236,6 +239,7 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
                 v = validator.run()
                 monitor.valid(step, v)
                 summary.valid_losses.append([step, v["valid_loss"]])
+                summary.valid_metrics.append([step, v])
                 extra = " | ".join(f"{k[6:].replace('_', ' ')} {x:.2f}" if k == "valid_ppl" else
                                    f"{k[6:].replace('_', ' ')} {x:.4f}" for k, x in v.items() if k != "valid_loss")
                 logger.print(f"validation at step {step}: loss {v['valid_loss']:.4f} | {extra}")
@@ -313,7 +317,12 @@ def _init_from(cfg: RunConfig, layout, save: bool):
         from megatron.core import parallel_state
         load_initial_weights(module, cfg.model, spec, parallel_state.get_tensor_model_parallel_rank(),
                              layout.tp, pipelined=layout.pp > 1)
-    return load, f"initialised from {describe_source(spec)}: weights only, fresh optimizer, step 0"
+    line = f"initialised from {describe_source(spec)}: weights only, fresh optimizer, step 0"
+    if cfg.model.head == "score":
+        from megatron_llama.checkpoint.init_from import source_head
+        line += ("; score head from it" if source_head(spec) == "score" else
+                 "; score head drawn from train.seed (the source has an LM head, not used)")
+    return load, line
 
 
 def _write_summary(cfg: RunConfig, layout, summary: TrainSummary, total_s: float, lines: list[str]) -> None:
@@ -328,7 +337,7 @@ def _write_summary(cfg: RunConfig, layout, summary: TrainSummary, total_s: float
             "train_time_s": round(summary.wall_time_s, 2), "wall_time_s": round(total_s, 2),
             "tokens_per_s": round(summary.tokens_per_s, 1), "checkpoint": summary.checkpoint,
             "resumed_from": summary.resumed_from, "stop_signal": summary.stop_signal,
-            "valid_losses": summary.valid_losses,
+            "valid_losses": summary.valid_losses, "valid_metrics": summary.valid_metrics,
             "best_valid_loss": min((v for _, v in summary.valid_losses), default=None),
             "skipped_steps": summary.skipped_steps, "rollbacks": summary.rollbacks, "diverged": summary.diverged}
     (root / "summary.json").write_text(json.dumps(info, indent=2))

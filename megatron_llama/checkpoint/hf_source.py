@@ -21,7 +21,8 @@ from megatron_llama.model.hf_mapping import hf_keys, layer_hf_to_native
 from .params import check_key_set
 from .native_weights import pipeline_layers
 
-ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM",
+                 "LlamaForSequenceClassification", "Qwen2ForSequenceClassification")
 
 
 def hf_model_config(hf_dir: str | os.PathLike, name: str = "hf") -> ModelConfig:
@@ -46,7 +47,11 @@ def hf_model_config(hf_dir: str | os.PathLike, name: str = "hf") -> ModelConfig:
         raise ConfigError(f"{path}: head_dim {c['head_dim']} != hidden_size / num_attention_heads: not supported")
     if arch == "MistralForCausalLM" and c.get("sliding_window"):
         raise ConfigError(f"{path}: sliding-window attention is not supported: set sliding_window to null")
-    qkv_bias = arch == "Qwen2ForCausalLM" or bool(c.get("attention_bias", False))
+    qkv_bias = arch.startswith("Qwen2") or bool(c.get("attention_bias", False))
+    head = "score" if arch.endswith("ForSequenceClassification") else "lm"
+    if head == "score" and (c.get("num_labels") or len(c.get("id2label") or {0: 0})) != 1:
+        raise ConfigError(f"{path}: a sequence classifier with {len(c['id2label'])} labels is not a reward model: "
+                          "only one label (a scalar score) is supported")
     if c.get("mlp_bias"):
         raise ConfigError(f"{path}: mlp_bias=true is not supported (LLaMA MLPs have no bias)")
     return ModelConfig(name=name, hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
@@ -54,7 +59,7 @@ def hf_model_config(hf_dir: str | os.PathLike, name: str = "hf") -> ModelConfig:
                        ffn_hidden_size=c["intermediate_size"], vocab_size=c["vocab_size"],
                        max_seq_len=c.get("max_position_embeddings", 2048), norm_eps=c.get("rms_norm_eps", 1e-6),
                        rope_theta=float(c.get("rope_theta", 10000.0)), qkv_bias=qkv_bias,
-                       tie_embeddings=bool(c.get("tie_word_embeddings", False)))
+                       tie_embeddings=bool(c.get("tie_word_embeddings", False)) and head == "lm", head=head)
 
 
 class HFWeights:
@@ -130,7 +135,7 @@ def check_hf_keys(weights: HFWeights, cfg: ModelConfig) -> None:
     """Strict key set (HF's rotary ``inv_freq`` buffers and a tied model's ``lm_head`` are allowed)."""
     want = {k for layer in pipeline_layers(cfg) for k in hf_keys(cfg, layer)}
     have = {k for k in weights.names if not k.endswith("rotary_emb.inv_freq")}
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings or cfg.head == "score":
         have.discard("lm_head.weight")
     check_key_set(have, want, f"{weights.dir}")
 
@@ -156,7 +161,7 @@ def hf_layers(weights: HFWeights, cfg: ModelConfig, tp: int, dtype: Optional[tor
 def _check_hf_shapes(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
     d, h = cfg.hidden_size, cfg.head_dim
     kv, f = cfg.num_kv_heads * h, cfg.ffn_hidden_size
-    expect = {"embed_tokens.weight": (cfg.vocab_size, d), "lm_head.weight": (cfg.vocab_size, d),
+    expect = {"embed_tokens.weight": (cfg.vocab_size, d), "lm_head.weight": (cfg.vocab_size, d), "score.weight": (1, d),
               "q_proj.weight": (cfg.num_attention_heads * h, d), "k_proj.weight": (kv, d), "v_proj.weight": (kv, d),
               "q_proj.bias": (cfg.num_attention_heads * h,), "k_proj.bias": (kv,), "v_proj.bias": (kv,),
               "o_proj.weight": (d, cfg.num_attention_heads * h), "gate_proj.weight": (f, d), "up_proj.weight": (f, d),

@@ -40,12 +40,33 @@ def _rows(n: int, rank: int, size: int) -> slice:
     return slice(rank * n // size, (rank + 1) * n // size)
 
 
+def _check_heads(source: ModelConfig, run: ModelConfig, where: str) -> bool:
+    """Whether the source's head is loaded: an LM head is not a score head (a reward run from an
+    SFT / pretrained model keeps its seeded score head, model/score_head.py); a reward model cannot
+    start an LM run."""
+    if source.head == "score" and run.head == "lm":
+        raise ConfigError(f"train.init_from={where} is a reward model (a scalar score head, no LM head): it cannot "
+                          "start a language-model run; pass an SFT or pretrained checkpoint")
+    return source.head == run.head
+
+
+def source_head(spec: str) -> str:
+    """The head of the model in ``spec`` ("lm" or "score"), read from its config alone."""
+    if spec.startswith("hf:"):
+        from .hf_source import hf_model_config
+        return hf_model_config(spec[3:]).head
+    from .native_weights import open_native
+    return open_native(spec).model.head
+
+
 class _HFShards:
     def __init__(self, directory: str, cfg: ModelConfig):
         from .hf_source import HFWeights, check_hf_keys, hf_model_config
-        _same_shape(hf_model_config(directory), cfg, "hf:" + directory)
+        source = hf_model_config(directory)
+        _same_shape(source, cfg, "hf:" + directory)
+        self.head = _check_heads(source, cfg, "hf:" + directory)
         self.w = HFWeights(directory)
-        check_hf_keys(self.w, cfg)
+        check_hf_keys(self.w, source)
         self.cfg = cfg
 
     def read(self, p: ParamInfo, rank: int, tp: int) -> torch.Tensor:
@@ -58,6 +79,8 @@ class _HFShards:
             lo, hi = rank * per, min((rank + 1) * per, c.vocab_size)
             t = w.get(key, (slice(lo, hi),)) if hi > lo else torch.empty(0, p.shape[1])
             return torch.cat([t, t.new_zeros(per - t.shape[0], p.shape[1])]) if t.shape[0] < per else t
+        if p.name == "head.score.weight":
+            return w.get("score.weight")
         if p.split == "replicated":  # norms
             from megatron_llama.model.hf_mapping import _BLOCK
             key = "model.norm.weight" if p.name.startswith("final_norm") else f"model.{layer}.{_BLOCK[local]}"
@@ -85,6 +108,7 @@ class _NativeShards:
         from .native_weights import open_native
         self.ck = open_native(path)
         _same_shape(self.ck.model, cfg, path)
+        self.head = _check_heads(self.ck.model, cfg, path)
         self._layer: tuple[int, list] | None = None
 
     def read(self, p: ParamInfo, rank: int, tp: int) -> torch.Tensor:
@@ -120,6 +144,8 @@ def load_initial_weights(module: torch.nn.Module, cfg: ModelConfig, spec: str, t
         p = by_name.get(name)
         if p is None:
             raise ConfigError(f"train.init_from: the model has a parameter {name} the parameter table does not know")
+        if p.name == "head.score.weight" and not source.head:
+            continue  # an LM source: the reward head keeps its seeded initialisation
         t = source.read(p, tp_rank, tp)
         if tuple(t.shape) != tuple(param.shape):
             raise ConfigError(f"train.init_from={spec}: {p.name} has shape {tuple(t.shape)} for TP rank {tp_rank}, "

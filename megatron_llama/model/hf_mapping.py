@@ -38,6 +38,8 @@ def hf_keys(cfg: ModelConfig, layer: str) -> list[str]:
     if layer == "final_norm":
         return ["model.norm.weight"]
     if layer == "head":
+        if cfg.head == "score":  # LlamaForSequenceClassification, one label
+            return ["score.weight"]
         return [] if cfg.tie_embeddings else ["lm_head.weight"]
     p = f"model.{layer}."
     keys = [p + v for v in _BLOCK.values()] + [p + f"self_attn.{n}_proj.weight" for n in "qkv"]
@@ -55,6 +57,8 @@ def layer_hf_to_native(hf: Mapping[str, torch.Tensor], cfg: ModelConfig, layer: 
     if layer == "final_norm":
         return {"final_norm.norm.weight": hf["model.norm.weight"]}
     if layer == "head":
+        if cfg.head == "score":
+            return {"head.score.weight": hf["score.weight"]}
         return {} if cfg.tie_embeddings else {"head.output.weight": _pad_rows(hf["lm_head.weight"], vocab)}
     perm = qkv_group_order(cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim)
     src, dst = f"model.{layer}.", f"{layer}."
@@ -75,6 +79,8 @@ def layer_native_to_hf(native: Mapping[str, torch.Tensor], cfg: ModelConfig, lay
     if layer == "final_norm":
         return {"model.norm.weight": native["final_norm.norm.weight"]}
     if layer == "head":
+        if cfg.head == "score":
+            return {"score.weight": native["head.score.weight"]}
         return {} if cfg.tie_embeddings else {"lm_head.weight": native["head.output.weight"][:v]}
     perm = qkv_group_order(cfg.num_attention_heads, cfg.num_kv_heads, cfg.head_dim)
     inverse = torch.empty_like(perm)
