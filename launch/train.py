@@ -59,7 +59,6 @@ class TrainSummary:
     skipped_steps: int = 0         # NaN/Inf or spike steps whose update was not applied
     rollbacks: int = 0
     diverged: Optional[str] = None  # why too many spikes / NaNs in a row stopped the run (exit status 4)
-    metrics: list = field(default_factory=list)  # per step: the objective's numbers (reward, DPO: rewards/...)
 
 
 def _env_rank() -> int:
@@ -224,7 +223,6 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
                                     rollbacks=summary.rollbacks, skipped=int(result.skipped))
             summary.losses.append(result.loss)
             summary.grad_norms.append(result.grad_norm)
-            summary.metrics.append(result.metrics)
             summary.lrs.append(result.lr)
             summary.metrics.append(result.metrics)
             logger.step(step, result, time.perf_counter() - t0, step - start_step)
