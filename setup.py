@@ -35,6 +35,7 @@ setup(
             "mllama-convert=checkpoints_tools.convert:main",
             "mllama-bench=launch.bench:main",
             "mllama-plot=launch.plot:main",
+            "mllama-rs=launch.rejection_sampling:main",
         ],
     },
 )

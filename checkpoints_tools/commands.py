@@ -8,9 +8,10 @@ from typing import Optional
 
 import torch
 
-from megatron_llama.config import ConfigError, ModelConfig, ParallelConfig, RunConfig, DataConfig
+from megatron_llama.config import ConfigError, ModelConfig, ParallelConfig, RunConfig, DataConfig, TrainConfig
 from megatron_llama.checkpoint.native_weights import open_native, write_native
 from megatron_llama.checkpoint.params import param_table
+from megatron_llama.data.run_tokenizer import run_tokenizer
 
 from .output_dir import atomic_output, check_output
 from .progress import TensorProgress
@@ -86,7 +87,9 @@ def hf_to_native(args) -> int:
     check_hf_keys(weights, cfg)
     tok = args.tokenizer or (str(Path(args.hf_dir) / "tokenizer.model")
                              if (Path(args.hf_dir) / "tokenizer.model").is_file() else None)
-    run_cfg = RunConfig(model=cfg, parallel=par, data=DataConfig(tokenizer=_check_tokenizer(tok, cfg)))
+    # a sequence classifier becomes a reward-model checkpoint (train.objective=reward goes with model.head=score)
+    run_cfg = RunConfig(model=cfg, parallel=par, data=DataConfig(tokenizer=_check_tokenizer(tok, cfg)),
+                        train=TrainConfig(objective="reward" if cfg.head == "score" else "lm"))
     first = weights.get(next(iter(sorted(weights.names))))
     dtype = DTYPES[args.dtype] if args.dtype else first.dtype
     _write_converted(args, run_cfg, hf_layers(weights, cfg, args.tp, dtype), dtype, f"hf:{Path(args.hf_dir).resolve()}")
@@ -105,29 +108,6 @@ def meta_to_native(args) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else meta.dtype
     _write_converted(args, run_cfg, meta.layers(args.tp, dtype), dtype, f"meta:{Path(args.meta_dir).resolve()}")
     return 0
-
-
-def run_tokenizer(config: RunConfig) -> Optional[str]:
-    """The tokenizer.model a run used: ``data.tokenizer``, or the one trained into ``data.cache_dir`` from
-    ``data.corpus`` (megatron_llama/data/build.py names it by the corpus's hash)."""
-    data = config.data
-    if data.tokenizer:
-        return data.tokenizer
-    if config.preference and data.corpus and Path(data.corpus).is_file():
-        from megatron_llama.data.preference_build import trained_tokenizer_prefix as preference_prefix
-        path = Path(f"{preference_prefix(data, config.model.vocab_size)}.model")
-        return str(path) if path.is_file() else None
-    if data.sft and data.corpus and Path(data.corpus).is_file():
-        from megatron_llama.data.sft_build import trained_tokenizer_prefix
-        path = Path(f"{trained_tokenizer_prefix(data, config.model.vocab_size)}.model")
-        return str(path) if path.is_file() else None
-    if data.corpus and Path(data.corpus).is_file():
-        from megatron_llama.data.build import _file_hash
-        vocab = data.vocab_size or config.model.vocab_size
-        path = Path(data.cache_dir) / f"tokenizer-{_file_hash(data.corpus)}-{data.text_key}-v{vocab}.model"
-        if path.is_file():
-            return str(path)
-    return None
 
 
 def chat_entries(config: RunConfig) -> Optional[dict]:

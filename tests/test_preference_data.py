@@ -96,7 +96,8 @@ def test_overlong_pairs_truncate_or_drop(tmp_path, tok):
 
 
 def _config(tmp_path, tokenizer, prefix, **data):
-    overrides = ["model.preset=tiny", "train.objective=reward", "data.seq_len=48", f"data.tokenizer={tokenizer}",
+    data = {"seq_len": 48, **data}
+    overrides = ["model.preset=tiny", "train.objective=reward", f"data.tokenizer={tokenizer}",
                  f"data.sources=[{{path: {prefix}}}]"] + [f"data.{k}={v}" for k, v in data.items()]
     return load_config(None, overrides)
 
@@ -161,6 +162,8 @@ def test_a_set_made_with_another_tokenizer_or_template_is_refused(tmp_path, tok,
     cfg = _config(tmp_path, tokenizer, tmp_path / "p")
     with pytest.raises(ConfigError, match="another tokenizer" if what == "tokenizer" else "chat template"):
         build_preference_dataset(cfg.data, 1, 512)
+    if what == "template":
+        return  # the same start-up check: the CLI path is shown once, below
     # the trainer: one error line, exit status 2, before any process starts work
     run = tmp_path / "run.yaml"
     run.write_text(f"model: tiny\ntrain: {{objective: reward, steps: 1, save_dir: {tmp_path / 'out'}}}\n"
@@ -191,3 +194,17 @@ def test_config_refusals():
     with pytest.raises(ConfigError, match="model.head=score"):
         load_config(None, ["model.preset=tiny", "model.head=score"])
     assert load_config(None, ["model.preset=tiny", "train.objective=reward"]).model.head == "score"
+
+
+def test_trainer_fits_long_pairs_to_seq_len(tmp_path, tok):
+    cut_ok = {"prompt": "Say it.", "chosen": "the red fox " * 12, "rejected": "the brown cow " * 12}
+    no_answer = {"prompt": "Repeat after me: " + "the red fox " * 30, "chosen": "Yes.", "rejected": "No."}
+    src = _jsonl(tmp_path / "in.jsonl", GOOD + [cut_ok, no_answer])
+    preprocess_preference([str(src)], str(tmp_path / "p"), tok.path, progress=False)
+    truncate = build_preference_dataset(_config(tmp_path, tok.path, tmp_path / "p", seq_len=40).data, 1, 512)
+    assert truncate.pair_index.tolist() == [0, 1, 2] and truncate.truncated == 1 and truncate.dropped_long == 1
+    tokens, labels, mask, _, _ = truncate[2]
+    assert mask[:, 1:].sum(axis=1).min() > 0 and not np.array_equal(tokens[0], tokens[1])
+    drop = build_preference_dataset(_config(tmp_path, tok.path, tmp_path / "p", seq_len=40,
+                                            preference_overlong="drop").data, 1, 512)
+    assert drop.pair_index.tolist() == [0, 1] and drop.dropped_long == 2 and "dropped" in drop.describe()

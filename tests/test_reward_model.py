@@ -173,6 +173,10 @@ def _export_and_compare(checkpoint: str, out: Path) -> None:
     # and the tokenizer files pad with the same token
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     assert hf_tok.pad_token_id == pad
+    # back to native (a reward-model checkpoint at TP2), verified against the HF directory
+    assert main(["hf-to-native", str(out), str(out.parent / "back"), "--tp", "2", "--no-progress"]) == 0
+    back = open_native(str(out.parent / "back"))
+    assert back.model.head == "score" and back.config.train.objective == "reward"
 
 
 def test_reward_run_from_a_causal_lm_keeps_the_trunk_and_seeds_the_head(tmp_path, single_process_model_parallel):
@@ -200,6 +204,14 @@ def test_reward_run_from_a_causal_lm_keeps_the_trunk_and_seeds_the_head(tmp_path
         if k != "score.weight":
             assert torch.equal(v, hf[k]), k
     assert torch.equal(model.head.score.weight, seeded)  # not taken from the LM head
+    # the same from a native LM checkpoint (an SFT / pretraining run's format), saved at TP2
+    from checkpoints_tools.convert import main
+    assert main(["hf-to-native", str(tmp_path / "lm"), str(tmp_path / "native"), "--tp", "2", "--no-progress",
+                 "--verify", "no"]) == 0
+    native = LlamaModel(cfg, ParallelConfig(), seed=3)
+    load_initial_weights(native, cfg, str(tmp_path / "native"), 0, 1, pipelined=False)
+    for (k, a), (_, b) in zip(native.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), k
     # the other way round is refused: a reward model cannot start an LM run
     transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**{**conf.to_dict(), "num_labels": 1})
                                                 ).save_pretrained(tmp_path / "rm")
