@@ -22,7 +22,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "pytest-xdist", "hypothesis", "transformers", "safetensors", "matplotlib", "tensorboard",
-                "lm-eval==0.4.13", "tiktoken==0.14.0"],
+                "lm-eval==0.4.13", "tiktoken==0.14.0",
+                "trl==1.16.0"],  # trl: the DPO reference (tests/test_dpo_parity.py)
         "tensorboard": ["tensorboard"],  # train.tensorboard_dir
         "plot": ["matplotlib"],          # mllama-plot
         "eval": ["lm-eval==0.4.13"],     # mllama-eval, train.eval_tasks (lm-evaluation-harness)

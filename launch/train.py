@@ -159,6 +159,9 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
     device, _backend = init_distributed(timeout_minutes=cfg.train.collective_timeout_s / 60)
     layout, topo = build_topology(cfg.parallel, cfg.train.seed, device)
     t = cfg.train
+    if t.objective == "dpo":  # before any weights are read: a reward model is no policy
+        from .reference_pass import check_policy_source
+        check_policy_source(cfg)
     init_weights, init_line = _init_from(cfg, layout, save)
     engine = TrainEngine(cfg, layout, topo, device, schedule_for(cfg.train), init_weights=init_weights)
     global_batch = t.micro_batch_size * t.grad_accum_steps * layout.dp
@@ -187,6 +190,10 @@ def train(cfg: RunConfig, max_steps: Optional[int] = None, log: bool = True, sav
     logger.print(f"  {validator.describe()}; loss spikes: {t.spike_action} (z > {t.spike_zscore:g})")
     if tasks.enabled:
         logger.print(f"  {tasks.describe()}")
+    if t.objective == "dpo":  # the reference log-probs of every pair: stored, or one pass now (step 0)
+        from .reference_pass import prepare
+        prepare(engine, cfg, layout, {"train": batches.dataset, "valid": validator.dataset}, start_step,
+                logger.print)
 
     summary = TrainSummary(resumed_from=start_step or None)
     end = t.steps if max_steps is None else min(t.steps, start_step + max_steps)
@@ -447,6 +454,9 @@ def _main(argv: Optional[list[str]] = None) -> int:
         if cfg.train.eval_tasks and not in_launcher:  # before any process starts (the ranks check again)
             from .eval_tasks import check_tasks, include_paths
             check_tasks(cfg.train.eval_tasks, include_paths())
+        if cfg.train.objective == "dpo":  # its reference, before any process starts
+            from .reference_pass import check_policy_source
+            check_policy_source(cfg)
         checkpoint.check_run_dir(cfg.train.save_dir)
         if not in_launcher:
             n = processes_needed(cfg)

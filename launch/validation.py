@@ -14,6 +14,8 @@ gap) with a ``valid_`` prefix; no perplexity.
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 from typing import Callable, Optional
 
@@ -81,7 +83,10 @@ class Validator:
         batches = PreferenceBatchIterator(self.dataset, t.seed, 0, self.layout.dp_rank, self.layout.dp,
                                           t.micro_batch_size)
         objective.collect(self.engine.device)  # drop sums left by training
-        losses = [self.engine.eval_step(next(batches) for _ in range(t.grad_accum_steps)) for _ in range(self.iters)]
+        reading = getattr(objective, "reading", None)  # DPO: the held-out pairs' reference log-probs
+        with reading("valid") if reading else contextlib.nullcontext():
+            losses = [self.engine.eval_step(next(batches) for _ in range(t.grad_accum_steps))
+                      for _ in range(self.iters)]
         loss = sum(losses) / len(losses)
         if math.isfinite(loss) and (self.best is None or loss < self.best):
             self.best = loss

@@ -5,7 +5,7 @@ output, plus the numbers it reports beside the loss:
 
 * ``lm``: next-token cross entropy (pretraining, SFT with answer-token weights); output = logits.
 * ``reward``: the pairwise ranking loss of a reward model (model/score_head.py); output = scores.
-* ``dpo``: direct preference optimisation (refused until it is implemented: config/run.py).
+* ``dpo``: direct preference optimisation on the LM head's logits (pipelines/dpo_objective.py).
 
 Pair objectives receive the preference micro-batch of ``megatron_llama/data/preference_dataset.py``:
 ``loss(output, (labels, loss_mask, margin, pair_index))`` where ``output`` is the head's output
@@ -89,4 +89,7 @@ OBJECTIVES = {"lm": Objective, "reward": RewardObjective}
 
 def objective_for(cfg, tp: int) -> Objective:
     """The objective of ``cfg.train.objective`` (config/run.py refuses the ones not built)."""
+    if cfg.train.objective == "dpo":
+        from .dpo_objective import DPOObjective  # it builds on Objective
+        return DPOObjective(tp, cfg.dpo)
     return OBJECTIVES[cfg.train.objective](tp)

@@ -186,7 +186,7 @@ def test_preprocess_cli_bad_input_is_one_line(tmp_path, tok):
 
 
 def test_config_refusals():
-    with pytest.raises(ConfigError, match="objective=dpo is not implemented"):
+    with pytest.raises(ConfigError, match="objective=dpo needs a reference model"):
         load_config(None, ["model.preset=tiny", "train.objective=dpo"])
     with pytest.raises(ConfigError, match="sequence_parallel"):
         load_config(None, ["model.preset=tiny", "train.objective=reward", "parallel.tp=2",

@@ -19,12 +19,14 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .dpo import DPOConfig
 from .errors import ConfigError
 from .model import ModelConfig
 from .presets import preset
 from .run import DataConfig, ParallelConfig, RunConfig, TrainConfig
 
-SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig, "data": DataConfig}
+SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "train": TrainConfig, "data": DataConfig,
+            "dpo": DPOConfig}
 
 
 def _coerce(value: Any, typ: Any, where: str) -> Any:

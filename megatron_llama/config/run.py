@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .dpo import DPOConfig
 from .errors import ConfigError
 from .model import ModelConfig
 
@@ -259,6 +260,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)  # read when train.objective=dpo
 
     @property
     def preference(self) -> bool:
@@ -268,9 +270,10 @@ class RunConfig:
     def _check_objective(self) -> None:
         """The objective decides the head (reward: score) and the data (reward/dpo: pairs)."""
         objective = self.train.objective
-        if objective == "dpo":
-            raise ConfigError("train.objective=dpo is not implemented yet: train a reward model "
-                              "(train.objective=reward) or use objective=lm")
+        if objective == "dpo" and not self.train.init_from:
+            raise ConfigError("train.objective=dpo needs a reference model, and there is none: set "
+                              "train.init_from to the SFT checkpoint (or hf:DIR) the policy starts from; it is also "
+                              "the reference")
         if objective == "reward":
             self.model.head = "score"
         elif self.model.head == "score":

@@ -110,3 +110,19 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor 
         return _local_cross_entropy(logits, labels)
     losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
     return losses.mean()
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each row's masked labels: ``sum_t loss_mask[b, t] * log p(labels[b, t])``.
+
+    logits: [s, b, V_local] (this TP rank's vocabulary slice); labels, loss_mask: [b, s].
+    Returns [b] float32, the same on every TP rank. The per-token ``-log p`` comes from
+    megatron-core's vocab-parallel cross entropy (TP > 1: max, sum of exp and the target logit are
+    all-reduced over TP, the [tokens x vocab] matrix is never gathered), so the result is exact under
+    any TP; gradients flow back into every rank's slice. Used by DPO (pipelines/dpo_objective.py)."""
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        nll = F.cross_entropy(logits.float().flatten(0, 1), labels.transpose(0, 1).flatten(), reduction="none")
+        nll = nll.view(logits.shape[0], logits.shape[1])
+    else:
+        nll = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
+    return -(nll * loss_mask.transpose(0, 1).to(nll.dtype)).sum(dim=0)

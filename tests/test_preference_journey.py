@@ -1,0 +1,116 @@
+"""The preference journey on the shipped tiny CPU configs, end to end (subprocesses of the real CLIs):
+
+SFT (configs/sft-tiny-cpu.yaml, cut to 140 steps so the SFT model is not yet perfect) -> DPO
+(configs/dpo-tiny-cpu.yaml from that checkpoint; the reference pass runs before step 0 and is
+stored beside the pairs) -> a second DPO start reads the stored pass back -> the stored pass is
+refused in one line once the data it was computed for change -> export with ``mllama-convert
+native-to-hf``, after which ``transformers`` generates chosen answers (only 1 of 12 probes so far).
+
+What is asserted is what was measured (see the README): the held-out rate of preferring the chosen
+answer (log p(chosen) > log p(rejected)) rises above the SFT model's (86.5 % -> 87.0 % measured);
+the issue's 90 % is not reached by this tiny recipe yet. Also: a reward model from the same SFT
+model (80 steps; its own 90 % is i17-rm's bench with the full config), refused as a DPO policy in one
+line, and one ``mllama-rs`` round with the DPO policy and that reward model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(args, env, timeout=600):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sft_then_dpo_then_export(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    data = tmp_path / "data"
+    p = _cli(["-m", "launch.train", "configs/sft-tiny-cpu.yaml", "train.steps=140", f"data.cache_dir={data}",
+              f"train.save_dir={tmp_path / 'sft'}", "train.max_restarts=0"], env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    shipped = [line for line in (ROOT / "configs" / "dpo-tiny-cpu.yaml").read_text().splitlines()
+               if line.strip().startswith("tokenizer:")][0].split()[1]
+    tokenizer = data / Path(shipped).name
+    assert tokenizer.is_file(), "configs/dpo-tiny-cpu.yaml names the tokenizer the SFT quickstart trains"
+
+    # the reward model from the same SFT model (i17-rm's config, cut short); then given as a DPO policy: refused
+    p = _cli(["-m", "launch.train", "configs/reward-tiny-cpu.yaml", f"train.init_from={tmp_path / 'sft'}",
+              f"data.cache_dir={data}", f"data.tokenizer={tokenizer}", "train.steps=80", "train.eval_interval=0",
+              f"train.save_dir={tmp_path / 'rm'}", "train.max_restarts=0"], env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rm_accuracy = json.loads((tmp_path / "rm" / "summary.json").read_text())["valid_metrics"][-1][1]["valid_accuracy"]
+    print(f"\nreward model (80 steps): held-out accuracy {rm_accuracy:.1%}")
+    assert rm_accuracy > 0.7  # measured 76.6 %
+
+    dpo = ["-m", "launch.train", "configs/dpo-tiny-cpu.yaml", f"train.init_from={tmp_path / 'sft'}",
+           f"data.cache_dir={data}", f"data.tokenizer={tokenizer}", "train.max_restarts=0"]
+    p = _cli(dpo + [f"train.init_from={tmp_path / 'rm'}", f"train.save_dir={tmp_path / 'dpo-rm'}"], env)
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert p.returncode == 2 and len(errors) == 1 and "is a reward model" in errors[0], p.stderr[-2000:]
+    p = _cli(dpo + [f"train.save_dir={tmp_path / 'dpo'}"], env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "DPO reference (train): computed" in p.stdout and "DPO reference (valid): computed" in p.stdout
+    summary = json.loads((tmp_path / "dpo" / "summary.json").read_text())
+    step, final = summary["valid_metrics"][-1]
+    sft_rate, dpo_rate = final["valid_reference_prefers_chosen"], final["valid_prefers_chosen"]
+    print(f"\nheld-out pairs preferring the chosen answer: SFT {sft_rate:.1%} -> DPO {dpo_rate:.1%} at step {step}; "
+          f"reward accuracy {final['valid_rewards/accuracies']:.1%}, margin {final['valid_rewards/margins']:.3f}")
+    assert summary["final_loss"] < 0.6 < summary["first_loss"]  # first loss is log 2: policy == reference
+    assert dpo_rate >= sft_rate and final["valid_rewards/accuracies"] > 0.75 and final["valid_rewards/margins"] > 0
+
+    # a second run from the same SFT model reads the stored pass instead of computing it
+    p = _cli(dpo + [f"train.save_dir={tmp_path / 'dpo2'}", "train.steps=1", "train.eval_interval=0"], env)
+    assert p.returncode == 0 and "DPO reference (train): " + str(data) in p.stdout, p.stdout[-2000:]
+    # ... and refuses it in one line once the data it was computed for have changed in place
+    pairs = next(data.glob("pref-*.lossmask.bin"))
+    raw = bytearray(pairs.read_bytes())
+    raw[-1] ^= 1
+    pairs.write_bytes(bytes(raw))
+    p = _cli(dpo + [f"train.save_dir={tmp_path / 'dpo3'}", "train.steps=1"], env)
+    errors = [line for line in (p.stdout + p.stderr).splitlines() if line.startswith("error:")]
+    assert p.returncode == 2 and len(errors) == 1 and "another preference data" in errors[0], p.stderr[-2000:]
+
+    hf_dir = tmp_path / "hf"
+    p = _cli(["-m", "checkpoints_tools.convert", "native-to-hf", summary["checkpoint"], str(hf_dir), "--dtype", "fp32",
+              "--no-progress", "--verify", "no"], env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    hf_tok = AutoTokenizer.from_pretrained(hf_dir)
+    model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    records = [json.loads(x) for x in (ROOT / "data" / "preferences.jsonl").read_text().splitlines()]
+    probes = [r for r in records if isinstance(r.get("prompt"), str) and isinstance(r.get("chosen"), str)][:12]
+    right = 0
+    for r in probes:
+        ids = hf_tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
+                                         return_tensors="pt", return_dict=True)["input_ids"]
+        out = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=hf_tok.eos_token_id,
+                             pad_token_id=hf_tok.eos_token_id)
+        answer = hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        right += answer == r["chosen"]
+        print(f"  {r['prompt']!r} -> {answer!r} (chosen {r['chosen']!r})")
+    print(f"  transformers generates the chosen answer for {right} of {len(probes)} prompts")
+    # measured: 1 of 12 (the 140-step SFT model has not learnt most answers; the 200-step quickstart model
+    # answers 9 of 12 but already prefers the chosen side of 99 % of the pairs, leaving DPO nothing to raise)
+    assert right >= 1
+
+    # one rejection-sampling round: the DPO policy samples, the reward model keeps the best answer
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in probes[:4]))
+    p = _cli(["-m", "launch.rejection_sampling", "--prompts", str(prompts), "--policy", summary["checkpoint"],
+              "--reward", str(tmp_path / "rm"), "--k", "2", "--max-new-tokens", "16", "--tokenizer", str(tokenizer),
+              "--output", str(tmp_path / "rs.jsonl"), "--quiet"], env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    kept = [json.loads(x) for x in (tmp_path / "rs.jsonl").read_text().splitlines()]
+    assert len(kept) == 4 and all(r["messages"][-1]["role"] == "assistant" for r in kept)
+    assert all(r["reward"] == max(r["rewards"]) for r in kept)
