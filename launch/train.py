@@ -443,6 +443,10 @@ def _main(argv: Optional[list[str]] = None) -> int:
         if cfg.train.precision == "fp8":  # refuse before any process starts
             from megatron_llama.model import fp8
             fp8.check_supported()
+        if cfg.train.objective == "dpo":  # its reference, before any process starts (and
+            # before the tokenizer check: a reward model as the policy is the clearer line)
+            from .reference_pass import check_policy_source
+            check_policy_source(cfg)
         if cfg.train.init_from and not in_launcher:  # a tokenizer that does not fit: refused before anything is written
             from megatron_llama.checkpoint.init_tokenizer import plan_init_tokenizer
             _quiet_libraries()
@@ -454,9 +458,6 @@ def _main(argv: Optional[list[str]] = None) -> int:
         if cfg.train.eval_tasks and not in_launcher:  # before any process starts (the ranks check again)
             from .eval_tasks import check_tasks, include_paths
             check_tasks(cfg.train.eval_tasks, include_paths())
-        if cfg.train.objective == "dpo":  # its reference, before any process starts
-            from .reference_pass import check_policy_source
-            check_policy_source(cfg)
         checkpoint.check_run_dir(cfg.train.save_dir)
         if not in_launcher:
             n = processes_needed(cfg)

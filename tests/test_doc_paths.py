@@ -64,6 +64,12 @@ def help_texts() -> dict[str, str]:
     return texts
 
 
+def _docs() -> list[Path]:
+    """The repository's Markdown docs (top level and one folder down), not hidden folders' copies."""
+    return [p for p in sorted(ROOT.glob("*.md")) + sorted(ROOT.glob("*/*.md"))
+            if not any(part.startswith(".") for part in p.relative_to(ROOT).parts)]
+
+
 def test_the_checker_sees_a_dangling_path():
     text = "mllama-train configs/7b.yaml; python bench/convert_memory.py --out bench/results/new.json"
     assert named_paths(text) == {"configs/7b.yaml", "bench/convert_memory.py"}
@@ -71,7 +77,7 @@ def test_the_checker_sees_a_dangling_path():
 
 
 def test_paths_in_docs_and_help_exist():
-    docs = {str(p.relative_to(ROOT)): p.read_text() for p in sorted(ROOT.glob("*.md")) + sorted(ROOT.glob("*/*.md"))}
+    docs = {str(p.relative_to(ROOT)): p.read_text() for p in _docs()}
     texts = dict(docs, **help_texts())
     assert {"mllama-convert reshard", "mllama-convert native-to-hf", "mllama-tokenizer train"} <= set(texts)
     assert "README.md" in texts
@@ -91,7 +97,7 @@ def test_outputs_the_docs_write_are_git_ignored():
     """What the README's commands write (hf/tiny, ckpt/..., runs/...) stays out of `git status`."""
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    texts = [p.read_text() for p in sorted(ROOT.glob("*.md")) + sorted(ROOT.glob("*/*.md")) + sorted(ROOT.glob("configs/*.yaml"))]
+    texts = [p.read_text() for p in _docs() + sorted(ROOT.glob("configs/*.yaml"))]
     outputs = {next(g for g in m if g) for t in texts for m in WRITES.findall(t)}
     outputs = {o for o in outputs if not o.startswith(("/", "bench/", "OUT", "NEW"))}
     assert {"hf/tiny", "ckpt/llama2-7b-tp2pp2", "runs/llama-7b-tp4"} <= outputs, outputs

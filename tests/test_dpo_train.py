@@ -10,6 +10,7 @@ over DP2), then the losses, gradient norms and TRL-style reward metrics of every
 from __future__ import annotations
 
 import glob
+import json
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,23 @@ def dpo_start(tmp_path_factory):
         .save_pretrained(root / "hf")
     lines = (ROOT / "data" / "preferences.jsonl").read_text().splitlines()[:200]
     (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    # the policy's tokenizer lives in its HF directory, as in a real export (init_from carries it)
+    from megatron_llama.data.tokenizer_sp import train_tokenizer
+    texts = root / "texts.txt"
+    texts.write_text("".join(f"[INST] {_text(r, 'prompt', 'messages')} [/INST] {_text(r, 'chosen')} "
+                             f"{_text(r, 'rejected')}\n" for r in map(json.loads, lines)))
+    train_tokenizer([str(texts)], str(root / "hf" / "tokenizer"), preset("tiny").vocab_size)
     return root
+
+
+def _text(record: dict, *keys) -> str:
+    """The words of a preference record's field(s): strings, turns or lists of turns."""
+    out = []
+    for k in keys:
+        v = record.get(k)
+        for x in (v if isinstance(v, list) else [v]):
+            out.append(x.get("content", "") if isinstance(x, dict) else (x or ""))
+    return " ".join(out)
 
 
 def overrides(root: Path, tp=1, pp=1, dp=1, extra=()):

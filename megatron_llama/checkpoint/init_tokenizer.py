@@ -32,12 +32,26 @@ class TokenizerPlan:
     line: Optional[str]    # what the run log says about it (None: nothing to say)
 
 
+def _native_config(spec: str) -> RunConfig:
+    """The resolved config of a native checkpoint or of a resharded store (``mllama-convert reshard``)."""
+    from .resharded import resharded_step_dir
+    store = resharded_step_dir(spec)
+    if store is not None:
+        import json
+
+        from megatron_llama.config import config_from_dict
+
+        from .directory import META
+        return config_from_dict(json.loads((store / META).read_text())["config"])
+    from .native_weights import open_native
+    return open_native(spec).config
+
+
 def source_model(spec: str) -> ModelConfig:
     if spec.startswith("hf:"):
         from .hf_source import hf_model_config
         return hf_model_config(spec[3:])
-    from .native_weights import open_native
-    return open_native(spec).model
+    return _native_config(spec).model
 
 
 def source_tokenizer(spec: str) -> Optional[str]:
@@ -45,9 +59,7 @@ def source_tokenizer(spec: str) -> Optional[str]:
     if spec.startswith("hf:"):
         d = Path(spec[3:])
         return str(d) if (d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file() else None
-    from .native_weights import open_native
-    ck = open_native(spec)
-    return run_tokenizer(ck.config)
+    return run_tokenizer(_native_config(spec))
 
 
 def extends(old, new) -> Optional[str]:
