@@ -173,6 +173,7 @@ class TrainEngine:
             install_tied_grad_reduction(self.engine)  # exact, whatever DP (pipelines/tied.py)
         self._check_grid()
         self.local_params = sum(p.numel() for p in model.parameters())
+        self.fused_loss = not self.pipelined  # train_step asks the model for the loss (not under SFT)
 
     def _check_grid(self) -> None:
         """The engine's groups are the topology's groups (which check_groups_agree compared)."""
@@ -205,8 +206,10 @@ class TrainEngine:
         else:
             total = self._loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
             for tokens, labels, *sft in micro_batches:
-                logits = self.engine(tokens, sft[1]) if sft else self.engine(tokens)
-                loss_t = lm_loss(logits, labels, sft[0] if sft else None)
+                if sft:
+                    loss_t = lm_loss(self.engine(tokens, sft[1]), labels, sft[0])
+                else:  # the head's chunked loss: no [tokens x vocab] logits (model/fused_loss.py)
+                    loss_t = self.engine(tokens, labels=labels)
                 self.engine.backward(loss_t)
                 total += loss_t.detach().float()  # before step(): the gate reads it
                 self.engine.step()
