@@ -121,7 +121,7 @@ class AdamW(torch.optim.AdamW):
                 scalars = _device_scalars(step_t, lr, beta1, beta2, coef, skip)
                 for param, offset in members:
                     n = param.numel()
-                    grad = param.grad if param.grad is not None else torch.zeros_like(param)
+                    grad = param.grad.contiguous() if param.grad is not None else torch.zeros_like(param)
                     _adamw_bf16_kernel[(triton.cdiv(n, BLOCK),)](
                         master[offset:offset + n], grad, m[offset:offset + n], v[offset:offset + n], param,
                         scalars, n, 1.0 - lr * wd, beta1, beta2, eps, BLOCK_SIZE=BLOCK, num_warps=8)
