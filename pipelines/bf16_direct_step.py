@@ -104,12 +104,16 @@ def make_step_direct(bf16_optimizer, engine, grad_accum_steps: int, pipelined: b
     """Give ``bf16_optimizer`` the buffer-free step where it is exact (module docstring); returns whether it did."""
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
+    from . import fused_adamw
     from .fused_adamw import unsupported
 
     if (not isinstance(bf16_optimizer, BF16_Optimizer) or not sync_free or pipelined or grad_accum_steps != 1
             or engine.enable_backward_allreduce or bf16_optimizer.immediate_grad_update
             or any(c != 1 for c in bf16_optimizer.partition_count)
             or unsupported(bf16_optimizer.optimizer) is not None):
+        return False
+    on_cuda = bf16_optimizer.fp32_groups_flat_partition[0].is_cuda
+    if on_cuda and fused_adamw.triton is None:  # the CUDA path needs the kernel (found_inf on the device)
         return False
     offsets = []
     for group in bf16_optimizer.bf16_groups:
