@@ -70,12 +70,85 @@ def _time_gate(step, n: int) -> dict:
     return {k: round(statistics.median(v), 2) for k, v in times.items()} | {"all": times}
 
 
+def _matmul_ceiling(shapes) -> dict:
+    """Measured bf16 GEMM rate (TFLOP/s) per (m, k, n): fresh random operands, CUDA events, median of 10."""
+    import statistics
+    out = {}
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+        times = []
+        for i in range(13):
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            a @ b
+            e1.record()
+            torch.cuda.synchronize()
+            if i >= 3:
+                times.append(e0.elapsed_time(e1))
+        out[f"{m}x{k}x{n}"] = round(2 * m * k * n / statistics.median(times) / 1e9, 1)
+        del a, b
+    return out
+
+
+def _memory_breakdown(step) -> dict:
+    """Where the bytes of one step go (GiB): static tensors by kind, then one gas-1 step by hand
+    (forward + loss, backward, optimizer step) with the allocator's counters between phases."""
+    import gc
+    from megatron_llama.model import lm_loss
+    eng = step.engine
+    opt, module, gib = eng.optimizer, eng.engine.module, 2 ** 30
+    inner = getattr(opt, "optimizer", opt)
+    size = lambda ts: sum(t.numel() * t.element_size() for t in ts) / gib  # noqa: E731
+    out = {"params_bf16": size(module.parameters()),
+           "fp32_masters": size(getattr(opt, "fp32_groups_flat_partition", [])),
+           "moments": size(v for st in inner.state.values() for v in st.values() if torch.is_tensor(v) and v.dim()),
+           "fp32_grad_buffer": sum(f.untyped_storage().nbytes() for f in getattr(opt, "fp32_groups_gradients_flat", []))
+           / gib}
+    gc.collect()
+    torch.cuda.synchronize()
+    static = torch.cuda.memory_allocated() / gib
+    out["static_total"] = static
+    out["static_other"] = static - out["params_bf16"] - out["fp32_masters"] - out["moments"] - out["fp32_grad_buffer"]
+    tokens, labels = (t.to(eng.device) for t in next(step.batches))
+    torch.cuda.reset_peak_memory_stats()
+    fused = getattr(eng, "fused_loss", False)
+    if fused:
+        loss = eng.engine(tokens, labels=labels)
+        out["logits_kept"] = 0.0
+    else:
+        logits = eng.engine(tokens)
+        out["logits_kept"] = logits.numel() * logits.element_size() / gib
+        loss = lm_loss(logits, labels)
+        del logits
+    torch.cuda.synchronize()
+    out["after_forward"] = torch.cuda.memory_allocated() / gib
+    out["activations"] = out["after_forward"] - static - out["logits_kept"]
+    out["peak_forward"] = torch.cuda.max_memory_allocated() / gib
+    torch.cuda.reset_peak_memory_stats()
+    eng.engine.backward(loss)
+    torch.cuda.synchronize()
+    out["bf16_grads_after_backward"] = size(p.grad for p in module.parameters() if p.grad is not None)
+    out["peak_backward"] = torch.cuda.max_memory_allocated() / gib
+    torch.cuda.reset_peak_memory_stats()
+    eng.engine.step()
+    torch.cuda.synchronize()
+    out["peak_optimizer_step"] = torch.cuda.max_memory_allocated() / gib
+    out["after_step"] = torch.cuda.memory_allocated() / gib
+    out["reserved_peak"] = torch.cuda.max_memory_reserved() / gib
+    out["peak_allocated_any_phase"] = max(out["peak_forward"], out["peak_backward"], out["peak_optimizer_step"])
+    out["allocator_slack_at_peak"] = out["reserved_peak"] - out["peak_allocated_any_phase"]
+    return {k: round(v, 3) for k, v in out.items()}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("spec", nargs="?", default="{}", help="JSON overrides of the benchmark spec")
     p.add_argument("--out", required=True)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--host", action="store_true", help="also cProfile one step's host side")
+    p.add_argument("--memory", action="store_true", help="also break one step's memory down (GiB)")
+    p.add_argument("--ceiling", action="store_true", help="also measure the bf16 matmul ceiling")
     p.add_argument("--gate", type=int, default=0, metavar="N",
                    help="also time N steps each with and without the trainer's spike gate (launch/spikes.py)")
     args = p.parse_args()
@@ -139,6 +212,20 @@ def main() -> int:
     if args.gate:  # the gate reads the loss and norm on the host before the update: what does it cost?
         result["spike_gate_step_ms"] = _time_gate(step, args.gate)
         print("median step ms, without / with the spike gate:", result["spike_gate_step_ms"])
+    if args.memory:
+        result["memory_gib"] = _memory_breakdown(step)
+        print("memory (GiB):", json.dumps(result["memory_gib"]))
+    if args.ceiling:
+        from launch.bench_shapes import bench_model
+        cfg = bench_model(spec["preset"], spec["seq_len"])
+        tok = spec["mbs"] * spec["seq_len"]
+        result["matmul_ceiling_tflops"] = _matmul_ceiling(
+            [(8192, 8192, 8192), (tok, cfg.hidden_size, 2 * cfg.ffn_hidden_size)])
+        gemm_ms = result["categories_ms"].get("gemm", 0.0)
+        matmul_tflop = 6 * cfg.num_params() * tok * spec["gas"] / 1e12
+        result["gemm_tflops_achieved"] = round(matmul_tflop / gemm_ms * 1e3, 1) if gemm_ms else None
+        print("matmul ceiling TFLOP/s:", result["matmul_ceiling_tflops"], "GEMMs achieved:",
+              result["gemm_tflops_achieved"])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

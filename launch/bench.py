@@ -30,6 +30,10 @@ EPILOG = """examples:
   # a sweep on 4 GPUs, with selective recomputation as well
   mllama-bench --preset llama-7b --layouts tp1pp1dp4,tp2pp1dp2,tp1pp2dp2 --seqs-per-step 64 \\
       --checkpointing none,selective
+  # on an H200, what fits on an 80 GB H100 (every system capped at 79.1 GiB)
+  mllama-bench --mbs 8,16 --mem-cap-gib 79.1 --baseline torchtitan
+  # Llama 3 8B block shape, 8 layers, seq 8192, 4 sequences per step
+  mllama-bench --preset llama3-8b-8l --seq-len 8192 --seqs-per-step 4 --mbs 1,2 --baseline torchtitan
   # multi-node under SLURM (one layout per job): every rank measures, rank 0 aggregates
   sbatch --nodes 16 launch/slurm/bench.sbatch '{"impl":"ours","preset":"llama-65b",...}' out.json
   # analytic plan: LLaMA-65B on 2048 A100s, layouts ranked (no GPU needed)
@@ -88,6 +92,8 @@ def check_args(args) -> None:
                              ("--steps", args.steps, 1), ("--warmup", args.warmup, 0), ("--gpus", args.gpus, 1)):
         if value < low:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
+    if args.mem_cap_gib is not None and args.mem_cap_gib <= 0:
+        raise ConfigError(f"--mem-cap-gib must be positive GiB, got {args.mem_cap_gib:g}")
     if args.timeout <= 0:
         raise ConfigError(f"--timeout must be positive seconds, got {args.timeout:g}")
     bad = [m for m in args.checkpointing.split(",") if m not in CHECKPOINT_MODES]
@@ -105,7 +111,10 @@ def _run_one(spec: dict, timeout: float) -> dict:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
                "-m", "launch.bench_worker", json.dumps(spec), str(out)]
+        # every system gets the same allocator: expandable segments (torchtitan's launcher sets it
+        # too) keep the reserved memory near the allocated peak instead of fragmenting
         env = dict(os.environ, PYTHONWARNINGS="ignore")
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         try:
             proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
         except subprocess.TimeoutExpired:
@@ -165,6 +174,19 @@ def _plot(results: list[dict], path: Path) -> bool:
     return True
 
 
+def largest_fitting(results: list[dict]) -> dict:
+    """Per system (and recompute mode): the largest micro-batch that ran, and those that ran out of memory."""
+    out: dict[str, dict] = {}
+    for r in results:
+        key = f"{_system(r)} {r['checkpointing']}"
+        entry = out.setdefault(key, {"largest_mbs": None, "oom_mbs": []})
+        if "error" not in r:
+            entry["largest_mbs"] = max(entry["largest_mbs"] or 0, r["mbs"])
+        elif r["error"] == "out of memory":
+            entry["oom_mbs"].append(r["mbs"])
+    return out
+
+
 def summarize(results: list[dict], cfg) -> dict:
     """Best run of each system, ours-X / peer ratios (every one named), plan-vs-measured error."""
     from . import bench_plan
@@ -175,7 +197,8 @@ def summarize(results: list[dict], cfg) -> dict:
             best[_system(r)] = r
     keys = ("impl", "tp", "pp", "dp", "mbs", "gas", "checkpointing", "tflops_per_gpu", "tokens_per_s_per_gpu",
             "mfu", "peak_mem_gib", "step_s")
-    summary = {"best": {k: {f: b.get(f) for f in keys} for k, b in best.items()}, "ratios": {}}
+    summary = {"best": {k: {f: b.get(f) for f in keys} for k, b in best.items()}, "ratios": {},
+               "largest_mbs_that_fits": largest_fitting(results)}
     for o in (k for k in best if k.startswith("ours")):
         for peer in (k for k in best if not k.startswith("ours")):
             summary["ratios"][f"{o} / {peer}"] = best[o]["tflops_per_gpu"] / best[peer]["tflops_per_gpu"]
@@ -213,16 +236,19 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", default="", metavar="KEY=VALUE,...",
                    help="extra parallel.* settings for our runs, e.g. overlap_comm=true,reduce_bucket_size=50000000")
     p.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
+    p.add_argument("--mem-cap-gib", type=float, default=None, metavar="GIB",
+                   help="cap every system's GPU memory (allocator included) at GIB, e.g. 79.1 to ask on an "
+                        "H200 what fits on an 80 GB H100")
     p.add_argument("--out", default="bench/results/bench.json", help="JSON results (PNG plot beside it)")
     p.add_argument("--plan", action="store_true", help="print the analytic plan only (no GPU needed)")
     p.add_argument("--gpus", type=int, default=8, help="--plan: number of GPUs")
     p.add_argument("--gpu-type", default="H100", help="--plan: A100, H100 or H200")
     args = p.parse_args(argv)
 
-    from megatron_llama.config import preset
+    from .bench_shapes import bench_model
     try:
         check_args(args)
-        cfg = preset(args.preset, max_seq_len=max(args.seq_len, 2048))
+        cfg = bench_model(args.preset, args.seq_len)
         return _plan(args, cfg) if args.plan else _sweep(args, argv, cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -287,6 +313,9 @@ def _sweep(args, argv, cfg) -> int:
                                   gas=args.seqs_per_step // (mbs * gpus), checkpointing="none",
                                   seq_len=args.seq_len, steps=args.steps, warmup=args.warmup))
 
+    if args.mem_cap_gib is not None:
+        for spec in specs:
+            spec["mem_cap_gib"] = args.mem_cap_gib
     print(HEADER, flush=True)
     results = []
     for spec in specs:
@@ -306,6 +335,9 @@ def _sweep(args, argv, cfg) -> int:
         where = f"TP{b['tp']}·PP{b['pp']}·DP{b['dp']} " if system.startswith("ours") else ""
         print(f"best {system}: {where}mbs {b['mbs']} {b['checkpointing']}: {b['tflops_per_gpu']:.1f} TFLOP/s/GPU, "
               f"{b['tokens_per_s_per_gpu']:.0f} tok/s/GPU, {b['peak_mem_gib']:.1f} GiB")
+    for key, fit in summary["largest_mbs_that_fits"].items():
+        oom = f", out of memory at {','.join(map(str, fit['oom_mbs']))}" if fit["oom_mbs"] else ""
+        print(f"largest micro-batch that fits, {key}: {fit['largest_mbs']}{oom}")
     for name, ratio in summary["ratios"].items():
         print(f"{name} (each at its best micro-batch): {ratio:.3f}x")
     if "plan_step_time_rel_error_max" in summary:

@@ -25,12 +25,13 @@ def hf_deepspeed(spec: dict, device: torch.device, compiled: bool = False):
     import deepspeed
     import transformers
 
-    from megatron_llama.config import preset
     from megatron_llama.data import MicroBatchIterator
     from megatron_llama.data.build import SyntheticDataset
     from megatron_llama.model.hf_mapping import hf_config_kwargs
 
-    cfg = preset(spec["preset"], max_seq_len=max(spec["seq_len"], 2048))
+    from .bench_shapes import bench_model
+
+    cfg = bench_model(spec["preset"], spec["seq_len"])
     hcfg = transformers.LlamaConfig(**hf_config_kwargs(cfg), attn_implementation="sdpa")
     with torch.device(device):
         model = transformers.LlamaForCausalLM(hcfg).to(torch.bfloat16)
@@ -87,9 +88,9 @@ def torchtitan(spec: dict, device: torch.device):
     from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
     from torchtitan.train import Trainer
 
-    from megatron_llama.config import preset
+    from .bench_shapes import bench_model
 
-    cfg = preset(spec["preset"], max_seq_len=max(spec["seq_len"], 2048))
+    cfg = bench_model(spec["preset"], spec["seq_len"])
     base = llama3.get_train_spec()
     # multiple_of = the exact FFN width reproduces our ffn_hidden_size whatever its origin
     margs = llama3.TransformerModelArgs(

@@ -5,12 +5,14 @@ checked against real runs (``mllama-bench`` reports predicted vs measured):
 
 * **Memory per GPU** = weights/grads/optimizer + activations + logits.
   Static: ``P_gpu * (2 bf16 weights + 2 bf16 grads + 4 fp32 grad accumulation + 12 / dp)``
-  bytes (fp32 master, Adam m and v partitioned by ZeRO-1 over DP); ``P_gpu`` = the largest
+  bytes (fp32 master, Adam m and v partitioned by ZeRO-1 over DP; no fp32 accumulation at
+  gas 1, DP 1, PP 1); ``P_gpu`` = the largest
   stage's parameters / TP. Activations per block per micro-batch:
   ``s * b * d * (8 + 32 / tp)`` bytes without recomputation (measured: 40 bytes per token per
   hidden unit for the 7B block at TP 1 on an H100), ``(8 + 22 / tp)`` selective, ``2`` full
   (+ one block live); the first stage holds ``pp`` micro-batches in flight (1F1B).
-  Logits: ``3 * s * b * V / tp * 4`` bytes on the last stage.
+  Logits: ``3 * s * b * V / tp * 4`` bytes on the last stage (PP = 1: one chunk of the
+  chunked loss, at most 1.5 GiB).
 * **Step time** = compute / efficiency x (1 + bubble) + TP + DP communication + optimizer.
   Compute: model FLOPs / peak at ``EFFICIENCY`` (0.584), x4/3 for full recomputation, x1.05
   selective. Per micro-batch: ``48 bytes * P_gpu`` over HBM bandwidth (fp32 gradient
@@ -73,13 +75,17 @@ def estimate(cfg: ModelConfig, gpu: GPU, tp: int, pp: int, dp: int, mbs: int, ga
              checkpointing: str = "none") -> Estimate:
     d, L, gpus = cfg.hidden_size, cfg.num_layers, tp * pp * dp
     p_gpu = cfg.num_params(tp) / pp / tp
-    static = p_gpu * (2 + 2 + 4 + 12 / dp)
+    # the fp32 gradient buffer is gone at gas 1, DP 1 without a pipeline (pipelines/bf16_direct_step.py)
+    accum = 0 if (gas == 1 and dp == 1 and pp == 1) else 4
+    static = p_gpu * (2 + 2 + accum + 12 / dp)
     a, b_tp = _ACT[checkpointing]
     per_block = seq * mbs * d * (a + b_tp / tp)
     act = per_block * (L / pp) * min(pp, gas)
     if checkpointing == "full":
         act += seq * mbs * d * (8 + 32 / tp)
     logits = 3 * seq * mbs * cfg.padded_vocab_size(tp) / tp * 4
+    if pp == 1:  # the head's chunked loss (model/fused_loss.py): one ~0.5 GiB chunk + its fp32 work
+        logits = min(logits, 3 * 2**29)
     mem = (static + act + logits) / 2**30
 
     tokens = seq * mbs * gas * dp

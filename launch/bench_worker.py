@@ -6,7 +6,8 @@ excluded. Every rank times every step; the step time of a configuration is the s
 rank's, and rank 0 writes the aggregate to OUT_JSON.
 
 SPEC: {"impl": "ours" or a peer of launch/bench_peers.py, "preset", "tp", "pp", "dp", "mbs", "gas",
-       "checkpointing", "seq_len", "steps", "warmup", "compile", "precision", "fp8_recipe"}
+       "checkpointing", "seq_len", "steps", "warmup", "compile", "precision", "fp8_recipe",
+       "mem_cap_gib" (optional: cap the GPU memory, as on a smaller card)}
 """
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ import torch.distributed as dist
 
 
 def _run_config(spec: dict):
-    from megatron_llama.config import DataConfig, ParallelConfig, RunConfig, TrainConfig, preset
-    model = preset(spec["preset"], max_seq_len=max(spec["seq_len"], 2048))
+    from megatron_llama.config import DataConfig, ParallelConfig, RunConfig, TrainConfig
+
+    from .bench_shapes import bench_model
+    model = bench_model(spec["preset"], spec["seq_len"])
     return RunConfig(
         model=model,
         parallel=ParallelConfig(tp=spec["tp"], pp=spec["pp"], dp=spec["dp"],
@@ -49,16 +52,21 @@ def _ours(spec: dict, device: torch.device):
     def step() -> float:
         return engine.train_step(next(batches) for _ in range(cfg.train.grad_accum_steps)).loss
     step.engine = engine  # bench/profile_step.py sets the trainer's spike gate on it
+    step.batches = batches  # and steps by hand for its memory breakdown
     return step
 
 
 def run(spec: dict) -> dict:
     """Time one configuration on the current distributed world; every rank returns the aggregate."""
     from megatron_llama.flops import mfu, model_tflops_per_gpu, peak_tflops
-    from megatron_llama.config import preset
+
+    from .bench_shapes import bench_model
     from pipelines.topology import init_distributed
 
     device, _ = init_distributed()
+    if spec.get("mem_cap_gib") and device.type == "cuda":  # the allocator refuses beyond the cap: OOM as on a smaller card
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["mem_cap_gib"] * 2**30 / total), device)
     world = dist.get_world_size()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = dict(spec, world_size=world, device=name)
@@ -80,15 +88,16 @@ def run(spec: dict) -> dict:
             if i >= spec["warmup"]:
                 times.append(time.perf_counter() - t0)
         slowest = torch.tensor(times, dtype=torch.float64)
-        mem = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0],
-                           dtype=torch.float64)
+        on_gpu = device.type == "cuda"  # allocated: what tensors held; reserved: + the allocator's slack
+        mem = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else 0.0,
+                            torch.cuda.max_memory_reserved(device) / 2**30 if on_gpu else 0.0], dtype=torch.float64)
         if device.type == "cuda":
             slowest, mem = slowest.to(device), mem.to(device)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         dist.all_reduce(mem, op=dist.ReduceOp.MAX)
         times = slowest.cpu().tolist()
         med = statistics.median(times)
-        cfg = preset(spec["preset"], max_seq_len=max(spec["seq_len"], 2048))
+        cfg = bench_model(spec["preset"], spec["seq_len"])
         tokens = spec["mbs"] * spec["gas"] * spec["dp"] * spec["seq_len"]
         tok_s = tokens / med
         peak = peak_tflops(name)
@@ -96,7 +105,7 @@ def run(spec: dict) -> dict:
                       tokens_per_s_per_gpu=tok_s / world,
                       tflops_per_gpu=model_tflops_per_gpu(tok_s, cfg, spec["seq_len"], world),
                       mfu=mfu(tok_s, cfg, spec["seq_len"], world, peak), peak_tflops=peak,
-                      peak_mem_gib=mem.item(), loss=loss,
+                      peak_mem_gib=mem[0].item(), peak_reserved_gib=mem[1].item(), loss=loss,
                       bubble=(spec["pp"] - 1) / (spec["gas"] + spec["pp"] - 1))
     except torch.OutOfMemoryError:
         result["error"] = "out of memory"

@@ -8,7 +8,9 @@
 Precision: bf16 on GPU with fp32 master weights and fp32 gradient accumulation
 (``data_types.grad_accum_dtype = fp32``; DeepSpeed issue 1835), fp32 on CPU.
 Optimizer: a client ``torch.optim.AdamW`` (fused on GPU; no JIT-compiled DeepSpeed Adam), no
-weight decay on 1-D parameters (norm weights and biases).
+weight decay on 1-D parameters (norm weights and biases). At ``grad_accum_steps = 1`` and DP 1
+(no pipeline) there is no fp32 gradient buffer: the AdamW reads the bf16 gradients in one pass
+that folds in the clip and writes the bf16 weights (``bf16_direct_step.py``, ``fused_adamw.py``).
 Gradient clipping (``train.grad_clip``) is DeepSpeed's: the norm is summed over DP partitions and
 over the TP x PP model-parallel group, counting TP-replicated parameters (norms) once (on TP
 rank 0; megatron-core marks split parameters ``tensor_model_parallel``). The same global norm is
@@ -37,10 +39,12 @@ from megatron_llama.config import RunConfig
 from megatron_llama.model import LMHead, LlamaModel, fp8, lm_loss
 from megatron_llama.model.score_head import ScoreHead
 
+from .bf16_direct_step import make_step_direct
 from .bf16_grads import fuse_grad_accumulation
 from .bf16_step import make_step_sync_free, skip_single_rank_allreduce
 from .compile_policy import use_compile
 from .objectives import objective_for
+from .fused_adamw import AdamW
 from .tied import install_tied_grad_reduction
 from .token_weights import weigh_answer_tokens
 from .topology import ParallelLayout
@@ -102,8 +106,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
     t = cfg.train
-    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                             eps=t.eps, fused=device.type == "cuda")
+    return AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                 eps=t.eps, fused=device.type == "cuda")
 
 
 def _overflow_said_by_trainer(record: logging.LogRecord) -> bool:
@@ -163,6 +167,9 @@ class TrainEngine:
         self.fused_grad_accumulation = fuse_grad_accumulation(self.optimizer)  # bf16: no fp32 temporaries
         self.sync_free_step = make_step_sync_free(self.optimizer)  # bf16: no host syncs in the step
         self.single_rank_allreduce_skipped = skip_single_rank_allreduce(self.engine, layout.dp, self.pipelined)
+        # gas 1, DP 1: no fp32 gradient buffer, AdamW reads the bf16 gradients (bf16_direct_step.py)
+        self.direct_step = make_step_direct(self.optimizer, self.engine, cfg.train.grad_accum_steps,
+                                            self.pipelined, self.sync_free_step)
         self.grid = self.engine.grid if self.pipelined else mpu
         self.step_gate: Optional[Callable[[float, Optional[float]], bool]] = None
         self._decision: Optional[bool] = None
@@ -171,6 +178,7 @@ class TrainEngine:
             install_tied_grad_reduction(self.engine)  # exact, whatever DP (pipelines/tied.py)
         self._check_grid()
         self.local_params = sum(p.numel() for p in model.parameters())
+        self.fused_loss = not self.pipelined  # train_step asks the model for the loss (not under SFT)
 
     def _check_grid(self) -> None:
         """The engine's groups are the topology's groups (which check_groups_agree compared)."""
@@ -206,10 +214,10 @@ class TrainEngine:
             for tokens, labels, *rest in micro_batches:
                 if pairs:  # (tokens, labels, loss_mask, margin, pair_index): preference_dataset.py
                     loss_t = self.objective.loss(self.engine(tokens), (labels, *rest))
-                else:
-                    sft = rest
-                    logits = self.engine(tokens, sft[1]) if sft else self.engine(tokens)
-                    loss_t = lm_loss(logits, labels, sft[0] if sft else None)
+                elif rest:  # SFT: (loss_mask, segments)
+                    loss_t = lm_loss(self.engine(tokens, rest[1]), labels, rest[0])
+                else:  # the head's chunked loss: no [tokens x vocab] logits (model/fused_loss.py)
+                    loss_t = self.engine(tokens, labels=labels)
                 self.engine.backward(loss_t)
                 total += loss_t.detach().float()  # before step(): the gate reads it
                 self.engine.step()

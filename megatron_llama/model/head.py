@@ -1,7 +1,9 @@
 """Final RMSNorm, the vocab-parallel LM head, and the language-model loss.
 
 Logits stay split over TP ranks ([s, b, V_padded/tp] each); the loss is megatron-core's
-vocab-parallel cross entropy, so the [tokens x vocab] matrix is never gathered.
+vocab-parallel cross entropy, so the [tokens x vocab] matrix is never gathered. Given the
+labels, the head computes the loss itself over chunks of tokens (``fused_loss.py``), so the
+logits never exist whole.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear
 
 from megatron_llama.config import ModelConfig
 
+from .fused_loss import linear_cross_entropy
 from .layout import mark
 from .norm import RMSNorm
 from .sequence_parallel import sync_replicated_grads
@@ -57,9 +60,23 @@ class LMHead(torch.nn.Module):
         if first_pad < 0:
             self.local_pad_start = 0
         self._pad_mask = None
+        self.vocab_start = rank * local
+        self.loss_tp_group = tp_group if tp > 1 else None  # the fused loss's all-reduces
         bind_tp_group(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``labels`` [b, s] given: the mean token loss instead of the logits, computed over
+        chunks of tokens without the whole logits (not under sequence parallelism, whose
+        gathered input the column-parallel layer owns: there the logits path)."""
+        if labels is not None:
+            if self.output.sequence_parallel:
+                return lm_loss(self._logits(x), labels)
+            weight = self.tied_weight() if self.tied_weight is not None else self.output.weight
+            return linear_cross_entropy(x.reshape(-1, x.shape[-1]), weight, labels.transpose(0, 1).reshape(-1),
+                                        self.vocab_start, self.local_pad_start, self.loss_tp_group)
+        return self._logits(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.tied_weight() if self.tied_weight is not None else None
         logits, _ = self.output(x, weight=weight)
         if self.local_pad_start is not None:

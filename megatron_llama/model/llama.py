@@ -56,13 +56,20 @@ class LlamaModel(torch.nn.Module):
     def pipeline_layers(self) -> list[torch.nn.Module]:
         return [self.embedding, *self.layers, self.final_norm, self.head]
 
-    def forward(self, tokens: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, segments: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         """``segments`` [b, s]: sample number of each position of packed rows (SFT): attention
-        stays inside each sample. None: plain causal attention over the whole row."""
+        stays inside each sample. None: plain causal attention over the whole row.
+        ``labels`` [b, s]: return the mean token loss (the head's chunked loss) instead of the logits
+        (LM head only: a score head's loss is its objective's, pipelines/objectives.py)."""
         h = self.embedding(tokens)
         for layer in self.layers:
             h = layer(h, segments)
-        return self.head(self.final_norm(h))
+        if labels is None:
+            return self.head(self.final_norm(h))
+        if self.cfg.head != "lm":
+            raise ValueError("labels are for the LM head's loss; a score head returns scores")
+        return self.head(self.final_norm(h), labels)
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return lm_loss(self(tokens), labels)
