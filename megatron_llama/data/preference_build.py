@@ -28,7 +28,7 @@ from .heldout import heldout_mask
 from .indexed import inspect_indexed, strip_suffix
 from .preference_dataset import PreferenceDataset
 from .preference_preprocess import margin_path, preprocess_preference, read_manifest
-from .sft_preprocess import mask_prefix
+from .masked_tokens import mask_prefix
 
 
 def _hash(path: str) -> str:
