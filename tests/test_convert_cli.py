@@ -204,8 +204,10 @@ def _meta_weights(p: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     return w
 
 
-def _meta_reference(w: dict, p: dict, tokens: torch.Tensor) -> torch.Tensor:
-    """Meta's LLaMA forward, written from the paper's description: complex (interleaved-pair) RoPE, GQA."""
+def _meta_reference(w: dict, p: dict, tokens: torch.Tensor, freqs: torch.Tensor | None = None) -> torch.Tensor:
+    """Meta's LLaMA forward, written from the paper's description: complex (interleaved-pair) RoPE, GQA.
+    ``freqs`` [head_dim / 2]: rotary frequencies (default: from ``rope_theta``); a model without
+    ``output.weight`` (tied) multiplies by the embedding."""
     d, H, G = p["dim"], p["n_heads"], p["n_kv_heads"]
     hd = d // H
     b, s = tokens.shape
@@ -213,8 +215,9 @@ def _meta_reference(w: dict, p: dict, tokens: torch.Tensor) -> torch.Tensor:
     def rms(x, weight):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + p["norm_eps"]) * weight
 
-    freqs = 1.0 / p["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd)
-    cis = torch.polar(torch.ones(s, hd // 2), torch.outer(torch.arange(s).float(), freqs))
+    if freqs is None:
+        freqs = 1.0 / p["rope_theta"] ** (torch.arange(0, hd, 2).float() / hd)
+    cis = torch.polar(torch.ones(s, hd // 2), torch.outer(torch.arange(s).float(), freqs.float()))
 
     def rope(x):  # [b, s, heads, hd]: pairs (x0, x1), (x2, x3), ... are complex numbers
         xc = torch.view_as_complex(x.reshape(*x.shape[:-1], hd // 2, 2))
@@ -233,7 +236,7 @@ def _meta_reference(w: dict, p: dict, tokens: torch.Tensor) -> torch.Tensor:
         h = h + o @ L("attention.wo").T
         x = rms(h, L("ffn_norm"))
         h = h + (torch.nn.functional.silu(x @ L("feed_forward.w1").T) * (x @ L("feed_forward.w3").T)) @ L("feed_forward.w2").T
-    return rms(h, w["norm.weight"]) @ w["output.weight"].T
+    return rms(h, w["norm.weight"]) @ w.get("output.weight", w["tok_embeddings.weight"]).T
 
 
 def _write_meta(w: dict, p: dict, out: Path, shards: int = 2) -> None:

@@ -192,39 +192,8 @@ def _meta3_reference(w: dict, p: dict, tokens: torch.Tensor, factor) -> torch.Te
                 smooth = (8192 / wavelen - 1) / (4 - 1)
                 scaled.append((1 - smooth) * fr / factor + smooth * fr)
         freqs = scaled
-    return _meta_reference_with_freqs(w, p, tokens, torch.tensor(freqs))
-
-
-def _meta_reference_with_freqs(w, p, tokens, freqs):
-    """Meta's forward (tests/test_convert_cli._meta_reference, with given rotary frequencies; a tied model
-    multiplies by the embedding)."""
-    d, H, G = p["dim"], p["n_heads"], p["n_kv_heads"]
-    hd = d // H
-    b, s = tokens.shape
-
-    def rms(x, weight):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + p["norm_eps"]) * weight
-
-    cis = torch.polar(torch.ones(s, hd // 2), torch.outer(torch.arange(s).float(), freqs.float()))
-
-    def rope(x):
-        xc = torch.view_as_complex(x.reshape(*x.shape[:-1], hd // 2, 2))
-        return torch.view_as_real(xc * cis[None, :, None, :]).flatten(3)
-
-    h = w["tok_embeddings.weight"][tokens]
-    mask = torch.full((s, s), float("-inf")).triu(1)
-    for i in range(p["n_layers"]):
-        L = lambda n: w[f"layers.{i}.{n}.weight"]  # noqa: E731
-        x = rms(h, L("attention_norm"))
-        q = rope((x @ L("attention.wq").T).view(b, s, H, hd))
-        k = rope((x @ L("attention.wk").T).view(b, s, G, hd)).repeat_interleave(H // G, dim=2)
-        v = (x @ L("attention.wv").T).view(b, s, G, hd).repeat_interleave(H // G, dim=2)
-        att = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(2, 3)) / hd ** 0.5 + mask
-        o = (att.softmax(-1) @ v.transpose(1, 2)).transpose(1, 2).reshape(b, s, d)
-        h = h + o @ L("attention.wo").T
-        x = rms(h, L("ffn_norm"))
-        h = h + (torch.nn.functional.silu(x @ L("feed_forward.w1").T) * (x @ L("feed_forward.w3").T)) @ L("feed_forward.w2").T
-    return rms(h, w["norm.weight"]) @ w.get("output.weight", w["tok_embeddings.weight"]).T
+    from test_convert_cli import _meta_reference
+    return _meta_reference(w, p, tokens, torch.tensor(freqs))
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["llama3.1-2-shards", "llama3.2-tied"])

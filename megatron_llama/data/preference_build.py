@@ -14,7 +14,6 @@ hash of the global pair index, data/heldout.py: never trained on), or ``data.val
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,24 +24,18 @@ from ..config.errors import ConfigError
 from ..config.run import DataConfig
 from .chat_template import TemplateError, chat_template
 from .heldout import heldout_mask
-from .indexed import inspect_indexed, strip_suffix
+from .build import _file_hash
+from .indexed import inspect_indexed
+from .masked_sources import check_made_with, concatenated_source_paths
 from .preference_dataset import PreferenceDataset
 from .preference_preprocess import margin_path, preprocess_preference, read_manifest
-from .sft_preprocess import mask_prefix
-
-
-def _hash(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+from .masked_tokens import mask_prefix
 
 
 def trained_tokenizer_prefix(data: DataConfig, model_vocab_size: int) -> Path:
     """Where a preference run with a ``data.corpus`` and no ``data.tokenizer`` keeps its tokenizer."""
     vocab = data.vocab_size or model_vocab_size
-    return Path(data.cache_dir) / f"tokenizer-pref-{_hash(data.corpus)}-{data.chat_template}-v{vocab}"
+    return Path(data.cache_dir) / f"tokenizer-pref-{_file_hash(data.corpus)}-{data.chat_template}-v{vocab}"
 
 
 def _train_tokenizer(corpus: str, prefix: Path, vocab: int, template) -> str:
@@ -81,41 +74,23 @@ def _prepare_corpus(data: DataConfig, model_vocab_size: int) -> tuple[str, str]:
             _train_tokenizer(data.corpus, prefix, data.vocab_size or model_vocab_size, template)
     from .tokenizer import Tokenizer
     tok = Tokenizer.load(tokenizer)
-    out = Path(data.cache_dir) / f"pref-{_hash(data.corpus)}-{template.name}-tok{tok.checksum[:12]}"
+    out = Path(data.cache_dir) / f"pref-{_file_hash(data.corpus)}-{template.name}-tok{tok.checksum[:12]}"
     if not Path(f"{out}.idx").is_file():
         print(preprocess_preference([data.corpus], str(out), tokenizer, template=template.name,
                                     progress=False).describe())
     return tokenizer, str(out)
 
 
-def _source_paths(sources, key: str) -> list[str]:
-    if not isinstance(sources, list):
-        sources = [sources]
-    paths = []
-    for i, item in enumerate(sources):
-        if isinstance(item, str):
-            item = {"path": item}
-        if not isinstance(item, dict) or "path" not in item:
-            raise ConfigError(f"{key}[{i}]: expected {{path: PREFIX}}, got {item!r}")
-        extra = set(item) - {"path"} - ({"weight"} if item.get("weight", 1) == 1 else set())
-        if extra:
-            raise ConfigError(f"{key}[{i}]: {', '.join(sorted(extra))} is not supported for preference pairs "
-                              "(sources are concatenated, each pair seen once per epoch): drop it")
-        paths.append(strip_suffix(str(item["path"])))
-    return paths
+def _pair_source_paths(sources, key: str) -> list[str]:
+    return concatenated_source_paths(sources, key, "for preference pairs (sources are concatenated, each pair "
+                                     "seen once per epoch): drop it")
 
 
 def check_preference_source(prefix: str, where: str, template_name: str, tok) -> np.ndarray:
     """Refuse a source made with another template or tokenizer, or whose files disagree; its margins."""
     from .build import _check_ids
     manifest = read_manifest(prefix, where)
-    if manifest.get("chat_template") != template_name:
-        raise ConfigError(f"{where}: {prefix} was preprocessed with chat template {manifest.get('chat_template')!r} "
-                          f"but data.chat_template={template_name!r}: preprocess again or set data.chat_template")
-    if manifest.get("tokenizer_sha256") != tok.checksum:
-        raise ConfigError(f"{where}: {prefix} was preprocessed with another tokenizer (sha256 "
-                          f"{str(manifest.get('tokenizer_sha256'))[:12]}, data.tokenizer has {tok.checksum[:12]}): "
-                          "set data.tokenizer to that one or preprocess again")
+    check_made_with(manifest, prefix, where, template_name, tok, "preprocess again or set data.chat_template")
     info = inspect_indexed(prefix, where)
     mask = inspect_indexed(mask_prefix(prefix), f"{where} (loss mask)")
     margins_file = margin_path(prefix)
@@ -149,14 +124,14 @@ def build_preference_dataset(data: DataConfig, seed: int, model_vocab_size: int,
         if data.tokenizer is None:
             raise ConfigError("data.sources needs data.tokenizer: the tokenizer.model the preference data was "
                               "preprocessed with")
-        tokenizer, paths, name, key = data.tokenizer, _source_paths(data.sources, "data.sources"), \
+        tokenizer, paths, name, key = data.tokenizer, _pair_source_paths(data.sources, "data.sources"), \
             "preference sources", "data.sources"
     else:
         raise ConfigError("no training data: a preference run needs data.corpus (raw preference JSONL, e.g. "
                           "data/preferences.jsonl) or data.sources (mllama-preprocess --preference output)")
     selected = None
     if split == "valid" and data.valid_sources:
-        paths, key, name = _source_paths(data.valid_sources, "data.valid_sources"), "data.valid_sources", \
+        paths, key, name = _pair_source_paths(data.valid_sources, "data.valid_sources"), "data.valid_sources", \
             "held-out preference sources"
     tok = _load_tokenizer(tokenizer, model_vocab_size)
     margins = [check_preference_source(p, f"{key}[{i}]" if len(paths) > 1 or key != "data.corpus" else key,

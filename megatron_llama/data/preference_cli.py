@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config.errors import ConfigError
-
 EPILOG = """\
 preference pairs (--preference) examples (reward models, DPO):
   mllama-preprocess --preference --input data/preferences.jsonl --tokenizer runs/tok.model --output runs/pref
@@ -39,6 +37,7 @@ def add_preference_arguments(ap: argparse.ArgumentParser) -> None:
 
 def run_preference(args) -> int:
     from .preference_preprocess import preprocess_preference
+    from .preprocess_cli import run_and_report
     from .preference_records import PairFields
     if args.sft:
         print("error: --sft and --preference are exclusive: pick the kind of records the input holds",
@@ -47,15 +46,7 @@ def run_preference(args) -> int:
     fields = PairFields(prompt=args.prompt_key, system=args.system_key, messages=args.messages_key,
                         chosen=args.chosen_key, rejected=args.rejected_key, margin=args.margin_key,
                         role=args.role_key, content=args.content_key)
-    try:
-        summary = preprocess_preference(args.input, args.output, args.tokenizer, template=args.chat_template,
-                                        fields=fields, seq_len=args.seq_len, overlong=args.overlong,
-                                        strict=args.strict, progress=not args.quiet)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing written (partial output was under a temporary name)", file=sys.stderr)
-        return 130
-    print(summary.describe())
-    return 0
+    return run_and_report(lambda: preprocess_preference(args.input, args.output, args.tokenizer,
+                                                        template=args.chat_template, fields=fields,
+                                                        seq_len=args.seq_len, overlong=args.overlong,
+                                                        strict=args.strict, progress=not args.quiet))

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from .sampler import batch_indices
+from .sampler import MicroBatchIterator
 
 
 class PreferenceDataset:
@@ -109,23 +109,12 @@ class PreferenceDataset:
         return -(-len(self) // global_batch)
 
 
-class PreferenceBatchIterator:
-    """Endless micro-batches of one DP rank in the contract above; ``consumed_samples`` counts pairs."""
-
-    def __init__(self, dataset: PreferenceDataset, seed: int, consumed_samples: int, dp_rank: int,
-                 dp_size: int, micro_batch_size: int):
-        self.dataset, self.seed = dataset, seed
-        self.consumed_samples = consumed_samples
-        self.dp_rank, self.dp_size, self.micro_batch_size = dp_rank, dp_size, micro_batch_size
-
-    def __iter__(self) -> "PreferenceBatchIterator":
-        return self
+class PreferenceBatchIterator(MicroBatchIterator):
+    """Endless micro-batches of one DP rank in the contract above; ``consumed_samples`` counts pairs
+    (the resumable order and constructor of ``sampler.MicroBatchIterator``)."""
 
     def __next__(self) -> tuple[torch.Tensor, ...]:
-        rows = batch_indices(len(self.dataset), self.seed, self.consumed_samples, self.dp_rank,
-                             self.dp_size, self.micro_batch_size)
-        items = [self.dataset[i] for i in rows]
-        self.consumed_samples += self.micro_batch_size * self.dp_size
+        items = self.next_items()
         tokens, labels, mask = (torch.from_numpy(np.concatenate([x[j][0:1] for x in items] +
                                                                 [x[j][1:2] for x in items]))
                                 for j in range(3))

@@ -25,7 +25,7 @@ from typing import Optional
 
 from .chat_template import ChatTemplate, TemplateError
 from .jsonl import parse_object
-from .sft_records import OVERLONG_POLICIES
+from .sft_records import OVERLONG_POLICIES, read_messages
 
 __all__ = ["PairFields", "parse_pair", "encode_pair", "OVERLONG_POLICIES"]
 
@@ -79,15 +79,9 @@ def parse_pair(line: bytes, f: PairFields = PairFields()) -> tuple[Optional[Pair
         return None, (f"unknown record shape: no {f.chosen!r} and {f.rejected!r} fields (keys: {keys}); "
                       "choose them with --chosen-key / --rejected-key")
     if f.messages in obj:
-        raw = obj[f.messages]
-        if not isinstance(raw, list):
-            return None, f"bad message: field {f.messages!r} is {type(raw).__name__}, not a list"
-        context = []
-        for i, m in enumerate(raw):
-            if not isinstance(m, dict) or f.role not in m or f.content not in m:
-                return None, (f"bad message: message {i} has no {f.role!r}/{f.content!r} fields "
-                              "(choose them with --role-key / --content-key)")
-            context.append({"role": m[f.role], "content": m[f.content]})
+        context, reason = read_messages(obj[f.messages], f.messages, f.role, f.content)
+        if context is None:
+            return None, reason
     elif f.prompt in obj:
         context = [{"role": "user", "content": obj[f.prompt]}]
         if obj.get(f.system) is not None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any, Callable
 
 from ..config.errors import ConfigError
 
@@ -19,6 +20,21 @@ Bad lines (invalid JSON, missing/non-string/empty text) are skipped and listed w
 numbers; --strict stops at the first. Files appear only when complete (written under a
 temporary name, renamed at the end).
 """
+
+
+def run_and_report(preprocess: Callable[[], Any]) -> int:
+    """Run one kind of preprocessing and print its summary's ``describe()``; the exit status:
+    2 with one ``error:`` line for bad input, 130 on Ctrl-C (only temporary files were written)."""
+    try:
+        summary = preprocess()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing written (partial output was under a temporary name)", file=sys.stderr)
+        return 130
+    print(summary.describe())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,18 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.sft:
         return run_sft(args)
     from .preprocess import preprocess
-    try:
-        summary = preprocess(args.input, args.output, args.tokenizer, text_key=args.text_key,
-                             workers=args.workers, strict=args.strict,
-                             chunk_bytes=int(args.chunk_mb * 1e6), progress=not args.quiet)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing written (partial output was under a temporary name)", file=sys.stderr)
-        return 130
-    print(summary.describe())
-    return 0
+    return run_and_report(lambda: preprocess(args.input, args.output, args.tokenizer, text_key=args.text_key,
+                                             workers=args.workers, strict=args.strict,
+                                             chunk_bytes=int(args.chunk_mb * 1e6), progress=not args.quiet))
 
 
 if __name__ == "__main__":

@@ -106,11 +106,17 @@ class MicroBatchIterator:
     def __iter__(self) -> "MicroBatchIterator":
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_items(self) -> list:
+        """The dataset items of this rank's next micro-batch (``micro_batch_size`` of them), in the
+        resumable order; advances ``consumed_samples``. SFT and preference iterators share it."""
         indices = batch_indices(self.num_samples, self.seed, self.consumed_samples, self.dp_rank,
                                 self.dp_size, self.micro_batch_size)
-        windows = torch.from_numpy(np.stack([self.dataset[i] for i in indices]).astype(np.int64))
+        items = [self.dataset[i] for i in indices]
         self.consumed_samples += self.micro_batch_size * self.dp_size
+        return items
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        windows = torch.from_numpy(np.stack(self.next_items()).astype(np.int64))
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
     def state_dict(self) -> dict:

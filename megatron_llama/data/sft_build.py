@@ -10,7 +10,6 @@ Two kinds of input, as for pretraining (``build.py``), checked before anything h
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,18 +17,13 @@ from typing import Callable, Optional
 from ..config.errors import ConfigError
 from ..config.run import DataConfig
 from .chat_template import TemplateError, chat_template
-from .indexed import inspect_indexed, strip_suffix
+from .build import _file_hash
+from .indexed import inspect_indexed
+from .masked_sources import check_made_with, concatenated_source_paths
 from .sft_dataset import PackedSFTDataset
-from .sft_preprocess import mask_prefix, preprocess_sft, read_manifest
+from .masked_tokens import mask_prefix
+from .sft_preprocess import preprocess_sft, read_manifest
 from .sft_records import parse_record, template_text
-
-
-def _hash(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def _train_chat_tokenizer(corpus: str, prefix: Path, vocab: int, template) -> str:
@@ -61,7 +55,7 @@ def trained_tokenizer_prefix(data: DataConfig, model_vocab_size: int) -> Path:
     """Where a run with an SFT ``data.corpus`` and no ``data.tokenizer`` keeps the tokenizer it
     trained (``<prefix>.model``); exporters find it here too."""
     vocab = data.vocab_size or model_vocab_size
-    return Path(data.cache_dir) / f"tokenizer-sft-{_hash(data.corpus)}-{data.chat_template}-v{vocab}"
+    return Path(data.cache_dir) / f"tokenizer-sft-{_file_hash(data.corpus)}-{data.chat_template}-v{vocab}"
 
 
 def trained_tokenizer_path(data: DataConfig, model_vocab_size: int) -> Path:
@@ -74,7 +68,7 @@ def trained_tokenizer_path(data: DataConfig, model_vocab_size: int) -> Path:
 
 def _prepare_corpus(data: DataConfig, model_vocab_size: int) -> tuple[str, str]:
     corpus, cache = data.corpus, Path(data.cache_dir)
-    key = _hash(corpus)
+    key = _file_hash(corpus)
     template = chat_template(data.chat_template)
     tokenizer = data.tokenizer
     if tokenizer is None:
@@ -88,24 +82,6 @@ def _prepare_corpus(data: DataConfig, model_vocab_size: int) -> tuple[str, str]:
     if not Path(f"{out}.idx").is_file():
         print(preprocess_sft([corpus], str(out), tokenizer, template=template.name, progress=False).describe())
     return tokenizer, str(out)
-
-
-def _source_paths(sources) -> list[str]:
-    if not isinstance(sources, list):
-        sources = [sources]
-    paths = []
-    for i, item in enumerate(sources):
-        if isinstance(item, str):
-            item = {"path": item}
-        if not isinstance(item, dict) or "path" not in item:
-            raise ConfigError(f"data.sources[{i}]: expected {{path: PREFIX}}, got {item!r}")
-        extra = set(item) - {"path"} - ({"weight"} if item.get("weight", 1) == 1 else set())
-        if extra:
-            raise ConfigError(f"data.sources[{i}]: {', '.join(sorted(extra))} is not supported with data.sft=true "
-                              "(SFT sources are concatenated, each seen once per epoch): drop it, or repeat the "
-                              "source to upweight it")
-        paths.append(strip_suffix(str(item["path"])))
-    return paths
 
 
 def build_sft_dataset(data: DataConfig, seed: int, model_vocab_size: int,
@@ -128,7 +104,9 @@ def build_sft_dataset(data: DataConfig, seed: int, model_vocab_size: int,
         if data.tokenizer is None:
             raise ConfigError("data.sources needs data.tokenizer: the tokenizer.model the SFT data was "
                               "preprocessed with")
-        tokenizer, paths, name = data.tokenizer, _source_paths(data.sources), "SFT sources"
+        tokenizer, paths, name = data.tokenizer, concatenated_source_paths(
+            data.sources, "data.sources", "with data.sft=true (SFT sources are concatenated, each seen once per "
+            "epoch): drop it, or repeat the source to upweight it"), "SFT sources"
     else:
         raise ConfigError("no training data: with data.sft=true set data.corpus (raw SFT JSONL, e.g. "
                           "data/instructions.jsonl) or data.sources (mllama-preprocess --sft output)")
@@ -137,14 +115,8 @@ def build_sft_dataset(data: DataConfig, seed: int, model_vocab_size: int,
     for i, prefix in enumerate(paths):
         where = f"data.sources[{i}]" if name == "SFT sources" else f"data.corpus={data.corpus}"
         manifest = read_manifest(prefix, where)
-        if manifest.get("chat_template") != template.name:
-            raise ConfigError(f"{where}: {prefix} was preprocessed with chat template "
-                              f"{manifest.get('chat_template')!r} but data.chat_template={template.name!r}: "
-                              "preprocess again or set data.chat_template to match")
-        if manifest.get("tokenizer_sha256") != tok.checksum:
-            raise ConfigError(f"{where}: {prefix} was preprocessed with another tokenizer (sha256 "
-                              f"{str(manifest.get('tokenizer_sha256'))[:12]}, data.tokenizer has {tok.checksum[:12]}): "
-                              "set data.tokenizer to that one or preprocess again")
+        check_made_with(manifest, prefix, where, template.name, tok,
+                        "preprocess again or set data.chat_template to match")
         info = inspect_indexed(prefix, where)
         mask = inspect_indexed(mask_prefix(prefix), f"{where} (loss mask)")
         if mask.num_sequences != info.num_sequences or mask.num_tokens != info.num_tokens:

@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
-
-from ..config.errors import ConfigError
 
 EPILOG = """\
 supervised fine-tuning (--sft) examples:
@@ -48,19 +45,12 @@ def add_sft_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run_sft(args) -> int:
+    from .preprocess_cli import run_and_report
     from .sft_preprocess import preprocess_sft
     from .sft_records import RecordFields
     fields = RecordFields(prompt=args.prompt_key, response=args.response_key, system=args.system_key,
                           messages=args.messages_key, role=args.role_key, content=args.content_key)
-    try:
-        summary = preprocess_sft(args.input, args.output, args.tokenizer, template=args.chat_template,
-                                 fields=fields, seq_len=args.seq_len, overlong=args.overlong,
-                                 strict=args.strict, progress=not args.quiet)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing written (partial output was under a temporary name)", file=sys.stderr)
-        return 130
-    print(summary.describe())
-    return 0
+    return run_and_report(lambda: preprocess_sft(args.input, args.output, args.tokenizer,
+                                                 template=args.chat_template, fields=fields, seq_len=args.seq_len,
+                                                 overlong=args.overlong, strict=args.strict,
+                                                 progress=not args.quiet))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from .sampler import batch_indices
+from .sampler import MicroBatchIterator
 
 
 class PackedSFTDataset:
@@ -112,22 +112,9 @@ class PackedSFTDataset:
                 f"tokens only){note}")
 
 
-class SFTBatchIterator:
+class SFTBatchIterator(MicroBatchIterator):
     """Endless ``(tokens, labels, answer_mask, segments)`` micro-batches [mbs, seq_len] of one DP
-    rank; the same resumable sample order as ``sampler.MicroBatchIterator``."""
-
-    def __init__(self, dataset: PackedSFTDataset, seed: int, consumed_samples: int, dp_rank: int,
-                 dp_size: int, micro_batch_size: int):
-        self.dataset, self.seed = dataset, seed
-        self.consumed_samples = consumed_samples
-        self.dp_rank, self.dp_size, self.micro_batch_size = dp_rank, dp_size, micro_batch_size
-
-    def __iter__(self) -> "SFTBatchIterator":
-        return self
+    rank; the resumable sample order of ``sampler.MicroBatchIterator`` (same constructor)."""
 
     def __next__(self) -> tuple[torch.Tensor, ...]:
-        rows = batch_indices(len(self.dataset), self.seed, self.consumed_samples, self.dp_rank,
-                             self.dp_size, self.micro_batch_size)
-        items = [self.dataset[i] for i in rows]
-        self.consumed_samples += self.micro_batch_size * self.dp_size
-        return tuple(torch.from_numpy(np.stack(parts)) for parts in zip(*items))
+        return tuple(torch.from_numpy(np.stack(parts)) for parts in zip(*self.next_items()))

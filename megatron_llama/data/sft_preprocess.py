@@ -14,37 +14,30 @@ pretraining corpora (100k conversations encode in seconds).
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 from tqdm import tqdm
 
-from ..config.errors import ConfigError
 from .chat_template import chat_template
-from .indexed import IndexedWriter, strip_suffix, token_dtype
+from .indexed import strip_suffix
 from .jsonl import iter_lines
+from .masked_tokens import mask_prefix  # noqa: F401 - importers of SFT data name it here too
+from .masked_tokens import (MaskedTokenWriter, SkippedRecords, check_encode_arguments,
+                            read_manifest as read_format_manifest, write_manifest)
 from .sft_records import OVERLONG_POLICIES, RecordFields, encode_record
 from .tokenizer import Tokenizer
 
 FORMAT = "mllama-sft/1"
-MAX_REPORTED = 5
-
-
-def mask_prefix(prefix: str) -> str:
-    return f"{strip_suffix(prefix)}.lossmask"
-
 
 def manifest_path(prefix: str) -> Path:
     return Path(f"{strip_suffix(prefix)}.sft.json")
 
 
 @dataclass
-class SFTSummary:
+class SFTSummary(SkippedRecords):
     output: str
     samples: int = 0
     tokens: int = 0
@@ -55,23 +48,11 @@ class SFTSummary:
     reasons: dict = field(default_factory=dict)   # reason kind -> count
     bad_examples: list = field(default_factory=list)
 
-    def skip(self, path: str, line: int, reason: str) -> None:
-        self.skipped += 1
-        kind = reason.split(" (")[0].split(":")[0]  # every reason starts with its kind
-        self.reasons[kind] = self.reasons.get(kind, 0) + 1
-        if len(self.bad_examples) < MAX_REPORTED:
-            self.bad_examples.append((path, line, reason))
-
     def describe(self) -> str:
         lines = [f"wrote {self.output}.bin/.idx + .lossmask.bin/.idx + .sft.json: {self.samples:,} samples, "
                  f"{self.tokens:,} tokens ({self.answer_tokens:,} answer tokens), {self.truncated:,} truncated, "
                  f"{self.skipped:,} skipped records; {self.seconds:.1f} s"]
-        lines += [f"  skipped {p}:{n}: {why}" for p, n, why in self.bad_examples]
-        if self.skipped > len(self.bad_examples):
-            lines.append(f"  ... and {self.skipped - len(self.bad_examples):,} more skipped records")
-        if self.reasons:
-            lines.append("  skipped by reason: " + ", ".join(f"{k}: {v}" for k, v in sorted(self.reasons.items())))
-        return "\n".join(lines)
+        return "\n".join(lines + self.skipped_lines())
 
 
 def preprocess_sft(inputs: list[str], output: str, tokenizer: str, template: str = "llama2",
@@ -82,15 +63,7 @@ def preprocess_sft(inputs: list[str], output: str, tokenizer: str, template: str
     ``seq_len`` set: samples longer are truncated or dropped now (``overlong``) and counted;
     unset, the trainer applies the same rule with its own ``data.seq_len``.
     """
-    if not inputs:
-        raise ConfigError("no input files: pass --input FILE.jsonl [...]")
-    for p in inputs:
-        if not Path(p).is_file():
-            raise ConfigError(f"input {p} does not exist: pass JSONL files (.jsonl, .jsonl.gz, .jsonl.zst)")
-    if overlong not in OVERLONG_POLICIES:
-        raise ConfigError(f"--overlong {overlong!r}: choose one of {', '.join(OVERLONG_POLICIES)}")
-    if seq_len is not None and seq_len < 2:
-        raise ConfigError(f"--seq-len must be >= 2, got {seq_len}")
+    check_encode_arguments(inputs, overlong, seq_len, OVERLONG_POLICIES)
     tpl = chat_template(template)
     tok = Tokenizer.load(tokenizer)
     output = strip_suffix(output)
@@ -98,43 +71,28 @@ def preprocess_sft(inputs: list[str], output: str, tokenizer: str, template: str
     start = time.perf_counter()
     bar = tqdm(desc="preprocess --sft", unit=" records", disable=not progress)
     try:
-        with IndexedWriter(output, token_dtype(tok.vocab_size)) as ids_out, \
-                IndexedWriter(mask_prefix(output), np.uint8) as mask_out:
+        with MaskedTokenWriter(output, tok.vocab_size) as out:
             for path in inputs:
                 for number, line in enumerate(iter_lines(path), start=1):
                     sample, reason, truncated = encode_record(line, tpl, tok, fields, seq_len, overlong)
                     bar.update(1)
                     if sample is None:
-                        if reason is None:
-                            continue  # blank line
-                        if strict:
-                            raise ConfigError(f"{path}:{number}: {reason} (--strict stops at the first bad "
-                                              "record; drop --strict to skip and count bad records)")
-                        summary.skip(path, number, reason)
+                        if reason is not None:  # None: a blank line
+                            summary.bad_record(path, number, reason, strict)
                         continue
                     ids, mask = sample
-                    n = np.array([len(ids)], dtype=np.int32)
-                    ids_out.add(np.asarray(ids), n)
-                    mask_out.add(np.asarray(mask, dtype=np.uint8), n)
+                    out.add(ids, mask)
                     summary.samples += 1
                     summary.tokens += len(ids)
                     summary.answer_tokens += int(sum(mask))
                     summary.truncated += truncated
-            if summary.samples == 0:
-                first = f" (first: {summary.bad_examples[0][2]})" if summary.bad_examples else ""
-                raise ConfigError(f"no usable records in {', '.join(map(str, inputs))}: all {summary.skipped} "
-                                  f"non-blank lines were bad{first}; check the field names (--help)")
+            summary.refuse_if_empty(summary.samples, inputs, "records")
             summary.seconds = time.perf_counter() - start
-            Path(f"{output}.idx").unlink(missing_ok=True)  # no moment with a new mask beside old tokens
-            mask_out.finalize()
             info = {"format": FORMAT, "chat_template": tpl.name, "tokenizer_sha256": tok.checksum,
                     "samples": summary.samples, "tokens": summary.tokens,
                     "answer_tokens": summary.answer_tokens, "truncated": summary.truncated,
                     "skipped": summary.skipped, "seq_len": seq_len, "overlong": overlong}
-            tmp = manifest_path(output).with_suffix(f".json.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(info, indent=2) + "\n")
-            os.replace(tmp, manifest_path(output))
-            ids_out.finalize()
+            out.finish(lambda: write_manifest(manifest_path(output), info))
     finally:
         bar.close()
     return summary
@@ -142,14 +100,4 @@ def preprocess_sft(inputs: list[str], output: str, tokenizer: str, template: str
 
 def read_manifest(prefix: str, where: str) -> dict:
     """The ``.sft.json`` of an SFT dataset; ConfigError if it is not one."""
-    path = manifest_path(prefix)
-    if not path.is_file():
-        raise ConfigError(f"{where}: {path} not found: {strip_suffix(prefix)} is not an SFT dataset; "
-                          "make one with `mllama-preprocess --sft`")
-    try:
-        info = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ConfigError(f"{where}: {path} is not valid JSON: preprocess the data again") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise ConfigError(f"{where}: {path} is not an {FORMAT} manifest: preprocess the data again")
-    return info
+    return read_format_manifest(manifest_path(prefix), prefix, where, FORMAT, "an SFT dataset", "--sft")

@@ -31,6 +31,19 @@ class RecordFields:
     content: str = "content"
 
 
+def read_messages(raw, messages_key: str, role_key: str, content_key: str) -> tuple[Optional[list], Optional[str]]:
+    """A record's message list (field ``messages_key``) as ``[{"role", "content"}]``, or (None, reason)."""
+    if not isinstance(raw, list):
+        return None, f"bad message: field {messages_key!r} is {type(raw).__name__}, not a list"
+    messages = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict) or role_key not in m or content_key not in m:
+            return None, (f"bad message: message {i} has no {role_key!r}/{content_key!r} fields "
+                          "(choose them with --role-key / --content-key)")
+        messages.append({"role": m[role_key], "content": m[content_key]})
+    return messages, None
+
+
 def parse_record(line: bytes, fields: RecordFields = RecordFields()) -> tuple[Optional[list], Optional[str]]:
     """(messages, None) for a usable line's conversation, (None, reason) for a bad one,
     (None, None) for a blank line. Messages are ``[{"role", "content"}]`` (not yet validated
@@ -39,16 +52,7 @@ def parse_record(line: bytes, fields: RecordFields = RecordFields()) -> tuple[Op
     if obj is None:
         return None, reason
     if fields.messages in obj:
-        raw = obj[fields.messages]
-        if not isinstance(raw, list):
-            return None, f"bad message: field {fields.messages!r} is {type(raw).__name__}, not a list"
-        messages = []
-        for i, m in enumerate(raw):
-            if not isinstance(m, dict) or fields.role not in m or fields.content not in m:
-                return None, (f"bad message: message {i} has no {fields.role!r}/{fields.content!r} fields "
-                              "(choose them with --role-key / --content-key)")
-            messages.append({"role": m[fields.role], "content": m[fields.content]})
-        return messages, None
+        return read_messages(obj[fields.messages], fields.messages, fields.role, fields.content)
     if fields.prompt in obj and fields.response in obj:
         messages = [{"role": "user", "content": obj[fields.prompt]},
                     {"role": "assistant", "content": obj[fields.response]}]

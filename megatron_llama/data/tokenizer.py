@@ -80,6 +80,15 @@ class Tokenizer:
                               "pads its vocabulary, never the reverse)")
 
 
+def check_training_files(inputs: list[str]) -> None:
+    """Refuse an empty or missing input list before training a tokenizer of any kind."""
+    if not inputs:
+        raise ConfigError("no input files to train the tokenizer on: pass JSONL or .txt files")
+    for path in inputs:
+        if not Path(path).is_file():
+            raise ConfigError(f"input {path} does not exist: pass JSONL or .txt files")
+
+
 def detect_kind(path: Union[str, Path]) -> tuple[str, Path]:
     """(kind, file) of a tokenizer file or directory; ConfigError if it is none of ``KINDS``."""
     p = Path(path)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Union
 
 from ..config.errors import ConfigError
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_training_files
 
 SPECIAL_ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
 # Llama 3's pre-tokenizer (Meta's tokenizer.py): contractions, letter runs with one leading
@@ -177,11 +177,7 @@ def train_bpe_bytelevel(inputs: list[str], output_dir: str, vocab_size: int, tex
 
     from ..config.paths import output_prefix
     from .jsonl import iter_texts
-    if not inputs:
-        raise ConfigError("no input files to train the tokenizer on: pass JSONL or .txt files")
-    for path in inputs:
-        if not Path(path).is_file():
-            raise ConfigError(f"input {path} does not exist: pass JSONL or .txt files")
+    check_training_files(inputs)
     if vocab_size < MIN_BPE_VOCAB:
         raise ConfigError(f"tokenizer vocab_size={vocab_size} is too small for a byte-level BPE: use at least "
                           f"{MIN_BPE_VOCAB} (the 256 bytes, {len(TRAINED_SPECIALS)} special tokens and a merge)")

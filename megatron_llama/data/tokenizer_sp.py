@@ -19,7 +19,7 @@ import sentencepiece as spm
 from ..config.errors import ConfigError
 from ..config.paths import output_prefix
 from .jsonl import iter_texts
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_training_files
 
 LLAMA_TRAINER_SPEC = dict(
     model_type="bpe",
@@ -100,11 +100,7 @@ def train_tokenizer(inputs: list[str], model_prefix: str, vocab_size: int, text_
     Only the first ``max_sentences`` lines are read (SentencePiece samples from what it is given;
     LLaMA's 32k vocabulary needs a few million sentences, not the whole corpus).
     """
-    if not inputs:
-        raise ConfigError("no input files to train the tokenizer on: pass JSONL or .txt files")
-    for path in inputs:
-        if not Path(path).is_file():
-            raise ConfigError(f"input {path} does not exist: pass JSONL or .txt files")
+    check_training_files(inputs)
     if vocab_size < MIN_VOCAB:
         raise ConfigError(f"tokenizer vocab_size={vocab_size} is too small: use at least {MIN_VOCAB} (the 256 "
                           "byte fallback pieces, the special pieces and some merges)")
