@@ -100,6 +100,23 @@ def _step(self, closure=None):
     # the update wrote the bf16 weights; with one DP rank there is nothing to gather
 
 
+_CHECKED: dict = {}
+
+
+def _kernel_checked(device) -> bool:
+    """The Triton update equals torch's fused AdamW on this device (once per process); else one warning."""
+    if device not in _CHECKED:
+        from .fused_adamw_selfcheck import check
+        result = check(device)
+        _CHECKED[device] = bool(result["ok"])
+        if not result["ok"]:
+            import sys
+            print(f"warning: the fused bf16 AdamW kernel disagrees with torch's fused AdamW on {device} "
+                  f"({ {k: v for k, v in result.items() if k != 'ok'} }): using DeepSpeed's step with the fp32 "
+                  "gradient buffer instead", file=sys.stderr, flush=True)
+    return _CHECKED[device]
+
+
 def make_step_direct(bf16_optimizer, engine, grad_accum_steps: int, pipelined: bool, sync_free: bool) -> bool:
     """Give ``bf16_optimizer`` the buffer-free step where it is exact (module docstring); returns whether it did."""
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
@@ -114,6 +131,8 @@ def make_step_direct(bf16_optimizer, engine, grad_accum_steps: int, pipelined: b
         return False
     on_cuda = bf16_optimizer.fp32_groups_flat_partition[0].is_cuda
     if on_cuda and fused_adamw.triton is None:  # the CUDA path needs the kernel (found_inf on the device)
+        return False
+    if on_cuda and not _kernel_checked(bf16_optimizer.fp32_groups_flat_partition[0].device):
         return False
     offsets = []
     for group in bf16_optimizer.bf16_groups:
