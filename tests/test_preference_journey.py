@@ -8,9 +8,10 @@ native-to-hf``, after which ``transformers`` generates chosen answers (only 1 of
 
 What is asserted is what was measured (see the README, bench/dpo_tiny_rate.py): the held-out rate of
 preferring the chosen answer (log p(chosen) > log p(rejected)) reaches the issue's 90 % and is above
-the SFT model's (86.5 % -> 90.1 % measured, DPO 200 steps at lr 1e-3, beta 0.5). Also: a reward model from the same SFT
-model (80 steps; its own 90 % is i17-rm's bench with the full config), refused as a DPO policy in one
-line, and one ``mllama-rs`` round with the DPO policy and that reward model.
+the SFT model's (86.5 % -> 90.1 % measured; DPO 200 steps at lr 1e-3, beta 0.5). Also: a reward
+model from the same SFT model (80 steps; its own 90 % is i17-rm's bench with the full config),
+refused as a DPO policy in one line, and one ``mllama-rs`` round with the DPO policy and that
+reward model.
 """
 from __future__ import annotations
 
