@@ -6,11 +6,12 @@ stored beside the pairs) -> a second DPO start reads the stored pass back -> the
 refused in one line once the data it was computed for change -> export with ``mllama-convert
 native-to-hf``, after which ``transformers`` generates chosen answers (only 1 of 12 probes so far).
 
-What is asserted is what was measured (see the README): the held-out rate of preferring the chosen
-answer (log p(chosen) > log p(rejected)) rises above the SFT model's (86.5 % -> 87.0 % measured);
-the issue's 90 % is not reached by this tiny recipe yet. Also: a reward model from the same SFT
-model (80 steps; its own 90 % is i17-rm's bench with the full config), refused as a DPO policy in one
-line, and one ``mllama-rs`` round with the DPO policy and that reward model.
+What is asserted is what was measured (see the README, bench/dpo_tiny_rate.py): the held-out rate of
+preferring the chosen answer (log p(chosen) > log p(rejected)) reaches the issue's 90 % and is above
+the SFT model's (86.5 % -> 90.1 % measured; DPO 200 steps at lr 1e-3, beta 0.5). Also: a reward
+model from the same SFT model (80 steps; its own 90 % is i17-rm's bench with the full config),
+refused as a DPO policy in one line, and one ``mllama-rs`` round with the DPO policy and that
+reward model.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def test_sft_then_dpo_then_export(tmp_path):
     p = _cli(dpo + [f"train.init_from={tmp_path / 'rm'}", f"train.save_dir={tmp_path / 'dpo-rm'}"], env)
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert p.returncode == 2 and len(errors) == 1 and "is a reward model" in errors[0], p.stderr[-2000:]
-    p = _cli(dpo + [f"train.save_dir={tmp_path / 'dpo'}"], env)
+    p = _cli(dpo + [f"train.save_dir={tmp_path / 'dpo'}", "train.eval_interval=0"], env)  # held-out at the end
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "DPO reference (train): computed" in p.stdout and "DPO reference (valid): computed" in p.stdout
     summary = json.loads((tmp_path / "dpo" / "summary.json").read_text())
@@ -67,7 +68,8 @@ def test_sft_then_dpo_then_export(tmp_path):
     print(f"\nheld-out pairs preferring the chosen answer: SFT {sft_rate:.1%} -> DPO {dpo_rate:.1%} at step {step}; "
           f"reward accuracy {final['valid_rewards/accuracies']:.1%}, margin {final['valid_rewards/margins']:.3f}")
     assert summary["final_loss"] < 0.6 < summary["first_loss"]  # first loss is log 2: policy == reference
-    assert dpo_rate >= sft_rate and final["valid_rewards/accuracies"] > 0.75 and final["valid_rewards/margins"] > 0
+    assert step == 200 and sft_rate < 0.9 <= dpo_rate and dpo_rate > sft_rate  # measured 86.5 % -> 90.1 %
+    assert final["valid_rewards/accuracies"] > 0.8 and final["valid_rewards/margins"] > 0  # measured 87.0 %, 4.37
 
     # a second run from the same SFT model reads the stored pass instead of computing it
     p = _cli(dpo + [f"train.save_dir={tmp_path / 'dpo2'}", "train.steps=1", "train.eval_interval=0"], env)
