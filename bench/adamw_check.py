@@ -43,13 +43,7 @@ def timing(dev) -> dict:
     d, f, v = 4096, 11008, 32000
     sizes = [v * d, v * d] + [3 * d * d, d * d, 2 * f * d, f * d] * 8 + [d] * 17  # llama-7b-8l
     gen = torch.Generator(device=dev).manual_seed(1)
-    master, lp_flat, grads = _setup(sizes, dev, gen)
-    lps, at = [], 0
-    for n, g in zip(sizes, grads):
-        lp = lp_flat[at:at + n]
-        lp.grad = g
-        lps.append((lp, at))
-        at += n
+    master, lp_flat, lps = _setup(sizes, dev, gen)
     m = master.clone().requires_grad_(True)
     ours = AdamW([m], fused=True, lr=3e-4, weight_decay=0.1)
     coef = torch.tensor(0.5, device=dev)

@@ -63,13 +63,10 @@ def _grads_for_norm(self) -> list[torch.Tensor]:
 @torch.no_grad()
 def _global_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
     """L2 norm of ``grads`` (bf16) over the model-parallel group, fp32 0-dim, one norm kernel."""
-    from deepspeed import comm as dist
+    from .bf16_step import model_parallel_norm
 
     norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32) if grads else [torch.zeros(())]
-    total = torch.stack(norms).pow(2.0).sum()
-    if self.mpu is not None:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.mpu.get_model_parallel_group())
-    return total.pow(1.0 / 2.0)
+    return model_parallel_norm(self, list(norms))
 
 
 @torch.no_grad()

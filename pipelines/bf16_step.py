@@ -38,9 +38,14 @@ import torch
 @torch.no_grad()
 def _global_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
     """L2 norm over ``grads`` and the model-parallel group, as an fp32 0-dim device tensor."""
+    return model_parallel_norm(self, [g.detach().float().norm(2.0) for g in grads])
+
+
+def model_parallel_norm(self, norms: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of per-tensor ``norms`` (fp32 0-dim each) summed over the model-parallel group of
+    ``self`` (a DeepSpeed optimizer with ``mpu``), as an fp32 0-dim device tensor."""
     from deepspeed import comm as dist
 
-    norms = [g.detach().float().norm(2.0) for g in grads]
     total = torch.stack(norms).pow(2.0).sum()
     if self.mpu is not None:
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.mpu.get_model_parallel_group())

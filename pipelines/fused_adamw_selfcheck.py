@@ -16,29 +16,30 @@ def _rel(a, b):
 
 
 def _setup(sizes, dev, gen):
+    """fp32 masters, their flat bf16 copy, and (view of the copy, offset) pairs holding random bf16 grads."""
     flat = sum(sizes)
     master = torch.randn(flat, device=dev, generator=gen) * 0.02
     lp_flat = master.to(torch.bfloat16)
     grads = [torch.randn(n, device=dev, generator=gen).to(torch.bfloat16) for n in sizes]
-    return master, lp_flat, grads
-
-
-def check(dev) -> dict:
-    from pipelines.fused_adamw import AdamW
-    gen = torch.Generator(device=dev).manual_seed(0)
-    sizes = [4099, 123457, 1 << 20, 77]
-    master, lp_flat, grads = _setup(sizes, dev, gen)
-    ref_master = master.clone().requires_grad_(True)
-    ours_master = master.clone().requires_grad_(True)
-    kw = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    ref = torch.optim.AdamW([ref_master], fused=True, **kw)
-    ours = AdamW([ours_master], fused=True, **kw)
     lps, at = [], 0
     for n, g in zip(sizes, grads):
         lp = lp_flat[at:at + n]
         lp.grad = g
         lps.append((lp, at))
         at += n
+    return master, lp_flat, lps
+
+
+def check(dev) -> dict:
+    from pipelines.fused_adamw import AdamW
+    gen = torch.Generator(device=dev).manual_seed(0)
+    sizes = [4099, 123457, 1 << 20, 77]
+    master, lp_flat, lps = _setup(sizes, dev, gen)
+    ref_master = master.clone().requires_grad_(True)
+    ours_master = master.clone().requires_grad_(True)
+    kw = dict(lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ref = torch.optim.AdamW([ref_master], fused=True, **kw)
+    ours = AdamW([ours_master], fused=True, **kw)
     coef = torch.tensor(0.37, device=dev)
     out = {}
     for step in range(3):
