@@ -20,9 +20,11 @@ time: two 7B-8l checkpoints with optimizer state need ~50 GB):
    the commit at a step boundary (``commit_s``); ``write_s`` / ``write_gb_s`` the background write
    including fsync and CRC; ``stall_fraction`` = (stall + commit + slowdown) / sync ``save_s``.
 4. ``load``: the page cache for the async checkpoint evicted (posix_fadvise), then
-   what ``checkpoint.resume`` does, timed: CRC verification (``verify_cold_s``) + DeepSpeed's load. The
+   what ``checkpoint.resume`` does, timed: CRC verification (``verify_cold_s``; ranges hashed by
+   ``crc32.THREADS`` threads) + DeepSpeed's load (``deepspeed_load_s``; memory-mapped on a GPU). The
    model and optimizer state after the load must equal those at the save (float64 sums of every
-   tensor), and the next step's loss must equal the loss the run had at that step.
+   tensor), and the next step's loss must equal the loss the run had at that step. ``load_before``
+   then times the same with one hashing thread and torch's default load (the previous resume).
 
 Writes ``bench/results/<device>-async-save.json`` (or ``--out``).
 """
@@ -247,25 +249,56 @@ def main() -> int:
             saved_fp, next_loss, ckpt = print_before, losses_during[0], committed
     saver.close()
 
-    # --- load the async checkpoint from disk -------------------------------------------------------------
-    _evict(ckpt)
-    t0 = time.perf_counter()  # what checkpoint.resume does, in its two parts
+    # --- load the async checkpoint from disk, as checkpoint.resume does it, in its two parts ---------------
+    from megatron_llama.checkpoint import crc32
     info = directory.latest(str(args.dir))
-    problem = integrity.verify(ckpt, info["files"])  # cold: reads every byte from the disk
-    t1 = time.perf_counter()
-    resumed_step, _ = directory._load(engine, layout, str(args.dir), info)  # DeepSpeed's load (page cache now)
-    t2 = time.perf_counter()
-    loaded_fp = _fingerprint(engine)
-    step_no[0] = resumed_step
-    replay = train_step()
     size = _dir_bytes(ckpt)
-    result["load"] = {"verify_cold_s": t1 - t0, "deepspeed_load_s": t2 - t1, "load_s": t2 - t0,
-                      "load_gb_s": size / GB / (t2 - t0), "verify_problem": problem,
-                      "state_equal": loaded_fp == saved_fp, "fingerprint_saved": saved_fp,
-                      "fingerprint_loaded": loaded_fp, "next_loss_during_write": next_loss,
-                      "next_loss_after_resume": replay, "loss_equal": replay == next_loss}
-    print(f"load {size / GB:.1f} GB: {t2 - t0:.1f} s ({result['load']['load_gb_s']:.2f} GB/s; cold verify "
-          f"{t1 - t0:.1f} s); state equal {loaded_fp == saved_fp}, next loss {replay} vs {next_loss}", flush=True)
+
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    from megatron_llama.checkpoint.mapped_load import MappedLoad
+    in_torch_load = [0.0]
+
+    def timing(load):  # time spent inside the checkpoint engines' load (torch.load) during DeepSpeed's load
+        def timed(self, *a, **k):
+            t = time.perf_counter()
+            try:
+                return load(self, *a, **k)
+            finally:
+                in_torch_load[0] += time.perf_counter() - t
+        return timed
+    TorchCheckpointEngine.load, MappedLoad.load = timing(TorchCheckpointEngine.load), timing(MappedLoad.load)
+
+    def timed_load(threads: int, mapped: tuple) -> dict:
+        _evict(ckpt)
+        in_torch_load[0] = 0.0
+        crc32.THREADS, TrainEngine.mapped_load_devices = threads, mapped
+        t0 = time.perf_counter()
+        problem = integrity.verify(ckpt, info["files"])  # cold: reads every byte from the disk
+        t1 = time.perf_counter()
+        resumed, _ = directory._load(engine, layout, str(args.dir), info, {})  # DeepSpeed's load (page cache now)
+        t2 = time.perf_counter()
+        return {"crc_threads": threads, "mapped": device.type in mapped, "verify_cold_s": t1 - t0,
+                "deepspeed_load_s": t2 - t1, "of_which_torch_load_s": in_torch_load[0], "load_s": t2 - t0, "load_gb_s": size / GB / (t2 - t0),
+                "verify_problem": problem, "resumed_step": resumed}
+
+    threads, mapped = crc32.THREADS, TrainEngine.mapped_load_devices
+    result["load"] = timed_load(threads, mapped)  # the product's resume
+    loaded_fp = _fingerprint(engine)
+    step_no[0] = result["load"]["resumed_step"]
+    replay = train_step()
+    result["load"].update({"state_equal": loaded_fp == saved_fp, "fingerprint_saved": saved_fp,
+                           "fingerprint_loaded": loaded_fp, "next_loss_during_write": next_loss,
+                           "next_loss_after_resume": replay, "loss_equal": replay == next_loss})
+    load = result["load"]
+    print(f"load {size / GB:.1f} GB: {load['load_s']:.1f} s ({load['load_gb_s']:.2f} GB/s; cold verify "
+          f"{load['verify_cold_s']:.1f} s with {threads} threads, DeepSpeed {load['deepspeed_load_s']:.1f} s, mapped "
+          f"{load['mapped']}); state equal {loaded_fp == saved_fp}, next loss {replay} vs {next_loss}", flush=True)
+    before = timed_load(1, ())  # the previous resume, after the state check: one thread hashing, torch's default load
+    print(f"load, one CRC thread + default torch.load: {before['load_s']:.1f} s ({before['load_gb_s']:.2f} GB/s; "
+          f"verify {before['verify_cold_s']:.1f} s, DeepSpeed {before['deepspeed_load_s']:.1f} s)", flush=True)
+    result["load_before"] = before
+    _write(result, out_path)
+    crc32.THREADS, TrainEngine.mapped_load_devices = threads, mapped
     shutil.rmtree(args.dir, ignore_errors=True)
     result["total_s"] = time.perf_counter() - t_start
     steady = result["async_reused"]

@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_llama.checkpoint.mapped_load import MappedLoad
 from megatron_llama.config import RunConfig
 from megatron_llama.model import LMHead, LlamaModel, fp8, lm_loss
 from megatron_llama.model.score_head import ScoreHead
@@ -314,14 +315,23 @@ class TrainEngine:
         written: megatron_llama/checkpoint/directory.py marks a checkpoint complete and points ``latest`` at it.
         ``checkpoint_engine`` replaces DeepSpeed's (torch.save) for this save only: the asynchronous
         save's host snapshot (megatron_llama/checkpoint/async_save.py)."""
-        own = self.engine.checkpoint_engine
-        if checkpoint_engine is not None:
-            self.engine.checkpoint_engine = checkpoint_engine
-        try:
+        with self._checkpoint_engine(checkpoint_engine):
             self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
-        finally:
-            self.engine.checkpoint_engine = own
 
     def load(self, save_dir: str, tag: Optional[str] = None) -> Optional[dict]:
-        path, client_state = self.engine.load_checkpoint(save_dir, tag=tag)
+        """On a GPU the files are memory-mapped (megatron_llama/checkpoint/mapped_load.py)."""
+        with self._checkpoint_engine(MappedLoad() if self.device.type in self.mapped_load_devices else None):
+            path, client_state = self.engine.load_checkpoint(save_dir, tag=tag)
         return client_state if path is not None else None
+
+    mapped_load_devices = ("cuda",)  # a test adds "cpu" to run the mapped load on gloo
+
+    @contextlib.contextmanager
+    def _checkpoint_engine(self, replacement):
+        own = self.engine.checkpoint_engine
+        if replacement is not None:
+            self.engine.checkpoint_engine = replacement
+        try:
+            yield
+        finally:
+            self.engine.checkpoint_engine = own

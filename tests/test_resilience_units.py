@@ -84,3 +84,24 @@ def test_pruning_never_deletes_the_newest_intact_checkpoint(tmp_path):
     prune(tmp_path, keep_last=2)
     assert sorted(p.name for p in tmp_path.glob("step*")) == ["step0000004", "step0000006", "step0000008"]
     assert [p.name for p in candidates(str(tmp_path))] == ["step0000008", "step0000006", "step0000004"]
+
+
+def test_crc32_of_ranges_read_in_parallel_is_zlibs(tmp_path, monkeypatch):
+    """crc32.py hashes a file's ranges in threads and joins them with crc32_combine: zlib's CRC of
+    the whole file, for files shorter than, equal to and longer than a range, and empty ones."""
+    import random
+    import zlib
+
+    from megatron_llama.checkpoint import crc32
+    rng = random.Random(0)
+    for _ in range(300):
+        a, b = rng.randbytes(rng.randrange(0, 200)), rng.randbytes(rng.randrange(0, 200))
+        assert crc32.crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)
+    monkeypatch.setattr(crc32, "CHUNK", 1000)
+    sizes = [0, 1, 999, 1000, 1001, 12345]
+    paths = []
+    for n in sizes:
+        paths.append(tmp_path / f"f{n}")
+        paths[-1].write_bytes(rng.randbytes(n))
+    for threads in (1, 3):
+        assert crc32.crc32_files(paths, threads) == {p: zlib.crc32(p.read_bytes()) for p in paths}

@@ -19,6 +19,16 @@ def _run(rank, world, overrides, max_steps):
     return s.losses, s.resumed_from, s.checkpoint
 
 
+def _run_mapped(rank, world, overrides, max_steps):
+    """:func:`_run` with the GPU runs' memory-mapped checkpoint load (megatron_llama/checkpoint/mapped_load.py)."""
+    from pipelines.engine import TrainEngine
+    default, TrainEngine.mapped_load_devices = TrainEngine.mapped_load_devices, ("cuda", "cpu")
+    try:
+        return _run(rank, world, overrides, max_steps)
+    finally:
+        TrainEngine.mapped_load_devices = default
+
+
 COMMON = base_overrides("tiny", dp=1) + ["parallel.pp=2", "train.steps=6"]
 _WHOLE = {}
 
@@ -43,6 +53,9 @@ def test_resume_continues_exactly(dist_pool, tmp_path, tmp_path_factory):
     rest, resumed, ckpt = pool.run(_run, part, None)[0]
     assert resumed == 3 and ckpt.endswith("step0000006")
     assert first + rest == pytest.approx(whole, rel=1e-6)
+    (tmp_path / "split" / "latest").write_text("step0000003")  # resume step 3 again, the files mapped
+    mapped, resumed, _ = pool.run(_run_mapped, part, None)[0]
+    assert resumed == 3 and mapped == rest  # bitwise
     # a different layout cannot resume this checkpoint: a clear error, not a crash
     from megatron_llama.config import ConfigError  # noqa: F401
     with pytest.raises(RuntimeError, match="was saved with TP1·PP2·DP1"):
@@ -96,6 +109,9 @@ def test_sigterm_saves_stops_and_resumes_exactly(dist_pool, tmp_path, tmp_path_f
     rest, resumed, ckpt = pool.run(_run, part, None)[0]
     assert resumed == 3 and len(rest) == 3 and ckpt.endswith("step0000006")
     assert first + rest == pytest.approx(whole, rel=1e-6)
+    (tmp_path / "split" / "latest").write_text("step0000003")  # resume step 3 again, the files mapped
+    mapped, resumed, _ = pool.run(_run_mapped, part, None)[0]
+    assert resumed == 3 and mapped == rest  # bitwise
     assert not (save / "step0000005.tmp").exists()
 
 

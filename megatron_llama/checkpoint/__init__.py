@@ -3,7 +3,7 @@
 
 ``directory``: the run directory protocol (``stepN/``, ``run.json`` marker, ``latest``, atomic
 saves, pruning, choosing the checkpoint to resume); ``params``: the parameter table;
-``integrity``: file sizes and checksums; ``native_weights`` / ``hf_source`` / ``optimizer_state`` /
+``integrity``: file sizes and checksums (``crc32``: hashed by several threads); ``mapped_load``: the GPU load hook; ``native_weights`` / ``hf_source`` / ``optimizer_state`` /
 ``resharded`` / ``init_from``: readers and writers used by conversion, resharding and init_from;
 ``formats``: ``resume`` with a loader for every format (DeepSpeed's own and the reshard store).
 

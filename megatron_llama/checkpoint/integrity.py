@@ -12,13 +12,13 @@ A checkpoint written before this table existed has no ``files``: it is accepted 
 """
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 from typing import Optional
 
 import torch.distributed as dist
 
-CHUNK = 8 << 20
+from .crc32 import crc32_files, crc32_of  # noqa: F401  (crc32_of: the async writer's per-file hash)
+
 MARKER = "run.json"
 
 
@@ -26,14 +26,6 @@ def _dist() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def crc32_of(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 def list_files(ckpt: Path) -> list[str]:
@@ -63,7 +55,8 @@ def manifest(ckpt: Path, collective: bool = True) -> dict[str, list[int]]:
         box = [names]
         dist.broadcast_object_list(box, src=0)
         names = box[0]
-    mine = {n: [(ckpt / n).stat().st_size, crc32_of(ckpt / n)] for n in names[rank::world]}
+    crcs = crc32_files([ckpt / n for n in names[rank::world]])
+    mine = {n: [(ckpt / n).stat().st_size, crcs[ckpt / n]] for n in names[rank::world]}
     return dict(sorted((_gather(mine) if collective else mine).items()))
 
 
@@ -84,9 +77,8 @@ def verify(ckpt: Path, files: Optional[dict]) -> Optional[str]:
     problem = check_sizes(ckpt, files)
     if problem is None and files:
         rank, world = _dist()
-        for name in sorted(files)[rank::world]:
-            if crc32_of(ckpt / name) != files[name][1]:
-                problem = f"{name} has a wrong checksum"
-                break
+        mine = sorted(files)[rank::world]
+        crcs = crc32_files([ckpt / name for name in mine])
+        problem = next((f"{name} has a wrong checksum" for name in mine if crcs[ckpt / name] != files[name][1]), None)
     found = _gather({_dist()[0]: problem})
     return next((p for _, p in sorted(found.items()) if p), None)
