@@ -16,9 +16,10 @@ that is none of the three is one ConfigError.
 
 Every kind answers the same questions: ``encode`` (no BOS/EOS added: the caller decides; text
 never produces special-token ids), ``encode_batch`` (one native call for many documents),
-``encode_documents`` (what preprocessing stores: ids + EOS as arrays), ``decode``, ``token_to_id``/``id_to_token``, ``vocab_size`` (largest id + 1, what
-``model.vocab_size`` must cover), the special ids (-1 where the tokenizer has none), and
-``checksum`` (sha256 of what determines the ids; recorded with preprocessed data and checkpoints).
+``encode_documents`` (what preprocessing stores: ids + EOS as arrays), ``decode``,
+``token_to_id``/``id_to_token``, ``vocab_size`` (largest id + 1, what ``model.vocab_size`` must
+cover), the special ids (-1 where the tokenizer has none), and ``checksum`` (sha256 of what
+determines the ids; recorded with preprocessed data and checkpoints).
 """
 from __future__ import annotations
 
