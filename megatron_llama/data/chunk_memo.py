@@ -1,23 +1,27 @@
-"""Exact byte-level BPE encoding at memo speed: ids remembered per whitespace-delimited chunk.
+"""Exact byte-level BPE encoding at memo speed: ids remembered per chunk of text.
 
 A byte-level BPE spends its time in the pre-tokenizer's regex (Oniguruma, ~2 MB/s for Llama 3's
 pattern), not in BPE (``tokenizers`` caches words). Text repeats at the level of words, so the
 ids of each chunk of a document are remembered, and only chunks never seen go to ``tokenizers``.
 
 Cuts (``|`` is p, the first character of the next chunk; ``_`` a space U+0020; ``P`` a
-printable non-space ASCII character ``[!-~]``):
+printable non-space ASCII character ``[!-~]``; ``A`` an ASCII letter or digit):
   1. ``P|_``: a space after a P character;
   2. ``_|_P``: before the last space of a run that a P character ends;
-  3. ``\n|_*P``: after a newline that, past any spaces, a P character follows.
-Each is a pre-token boundary of ``CHECKED_PATTERNS`` in the whole text. The token holding the
-character before p cannot go on past p: letter, digit and contraction runs hold no space, the
-punctuation alternative ends in ``[\r\n]*``, whitespace tokens hold no P; for 2, the run from
-its first space is ``\s+(?!\S)``, which stops before the last space; for 3, a newline run ends
-at the newline, as no newline follows before P. The patterns have no look-behind, so matching
-from p sees what it sees in the whole text; and what follows p (a space or P) answers
-``(?!\S)`` as the end of the chunk does. BPE works on each pre-token alone, so ids(text) == the
-concatenation of ids(chunk), exactly; tests check the cuts against ``tokenizers``' pre-tokens
-and the ids against its own on corpora, adversarial strings and a fuzz.
+  3. ``\n|_*P``: after a newline that, past any spaces, a P character follows;
+  4. ``A|c``: between an A character and an ASCII character c that is not one.
+Each is a pre-token boundary of ``CHECKED_PATTERNS`` in the whole text: the token holding the
+character before p ends at p. Letter, digit and contraction runs hold no space nor other ASCII
+(1, 4); the punctuation alternative ends in ``[\r\n]*`` (1); whitespace tokens hold no P (1);
+for 2, a space run that no newline ends is ``\s+(?!\S)``, which stops before the last space;
+for 3, a newline run ends at the newline, as no newline follows before P. The patterns have no
+look-behind, so matching from p sees what it sees in the whole text; and ``(?!\S)`` at p, the
+end of the chunk, never answers otherwise than there: in 1 and 4 it is not asked (the
+character before p is not whitespace), in 2 a space follows p, and in 3 ``\s*[\r\n]+`` takes
+any whitespace run holding the newline before ``\s+(?!\S)`` is tried. BPE works on each pre-token alone, so ids(text) ==
+the concatenation of ids(chunk), exactly. Tests check the cuts against ``tokenizers``'
+pre-tokens and the ids against its own on corpora, adversarial strings and a fuzz (which
+catches each plausible wrong rule: punctuation|letter, letter|non-ASCII, after any newline, ...).
 
 It holds only for the layout ``fast_path_refusal`` accepts (no normaliser, that Split, a
 byte-level step that adds no space, a deterministic BPE, every added token special: with
@@ -81,6 +85,8 @@ def cut_points(buf: np.ndarray) -> np.ndarray:
     pos = np.arange(len(buf))
     next_solid = np.minimum.accumulate(np.where(space, len(buf) - 1, pos)[::-1])[::-1]
     cut[1:] |= (buf[:-1] == 0x0A) & printable[next_solid[1:]]
+    alnum = ((buf | 0x20) >= 0x61) & ((buf | 0x20) <= 0x7A) | (buf >= 0x30) & (buf <= 0x39)
+    cut[1:] |= alnum[:-1] & (buf[1:] < 0x80) & ~alnum[1:]         # 4. "x|." "7|\n"
     sep = np.flatnonzero(buf == _SEP)
     cut[sep] = True
     cut[sep[sep + 1 < len(buf)] + 1] = True
