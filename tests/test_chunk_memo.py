@@ -107,10 +107,14 @@ def test_memo_ids_equal_tokenizers_on_the_shipped_data(bpe, tiktoken_kind):
 def test_memo_ids_equal_tokenizers_on_adversarial_and_fuzzed_text(bpe, tiktoken_kind):
     qwen2 = with_spec(bpe, lambda s: s["pre_tokenizer"]["pretokenizers"][0].update(
         pattern={"Regex": CHECKED_PATTERNS[1]}))
+    # special tokens that strip the spaces around them: with encode_special_tokens they are text
+    stripping = with_spec(bpe, lambda s: [t.update(lstrip=True, rstrip=True) for t in s["added_tokens"]])
     texts = ADVERSARIAL + fuzz(3000)
-    for tok in (bpe, tiktoken_kind, qwen2):
+    for tok in (bpe, tiktoken_kind, qwen2, stripping):
         assert_exact(tok, texts)
         assert_exact(tok, [" ".join(texts[k:k + 5]) for k in range(0, len(texts), 5)], batch=31)
+    word = bpe.tk.id_to_token(bpe.encode("x the")[-1])  # an EOS that text makes too
+    assert_exact(HFTokenizer(bpe.tokenizer_json, {"eos_token": word}, "word-eos"), texts + ["the the"] * 3)
     tiny = HFTokenizer(bpe.tokenizer_json, SPECIAL, "tiny")
     tiny.chunk_memo = ChunkMemo(tiny.tk, tiny.eos_id, max_entries=40)  # emptied on every batch
     assert_exact(tiny, texts, batch=13)
