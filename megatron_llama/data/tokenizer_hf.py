@@ -10,9 +10,10 @@ that happens to contain ``<|end_of_text|>`` must not put an EOS id in the middle
 as with SentencePiece, whose control pieces never come from text. The chat templates insert
 special ids themselves.
 
-``encode_documents`` (preprocessing) remembers ids per space-delimited chunk when the layout
-allows it exactly (``chunk_memo``: Llama 3's and Qwen2's pre-tokenizers without normaliser),
-faster where text repeats words; ``chunk_memo`` is None otherwise (``chunk_memo_refusal`` says why).
+``encode_documents`` (preprocessing) remembers the ids of each chunk of text where the layout
+makes that exact (``chunk_memo.py``: Llama 3's and Qwen2's pre-tokenizers, no normaliser), and
+is several times faster on text that repeats words; ``chunk_memo`` is None for any other layout
+(``chunk_memo_refusal`` says why), and ``encode``/``encode_batch`` are ``tokenizers``' own.
 
 ``train_bpe_bytelevel`` trains Llama 3's layout (its pre-tokenizer regex, byte-level alphabet,
 no normaliser, ``<|begin_of_text|>`` added by the post-processor for ``transformers``) on
