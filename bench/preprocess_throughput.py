@@ -14,21 +14,29 @@
 
 Writes bench/results/preprocess_throughput.json.
 
-    .venv/bin/python bench/preprocess_throughput.py --kinds   # ~10 min on a 2-core machine
+    .venv/bin/python bench/preprocess_throughput.py --kinds   # ~15 min on a 2-core machine
 
 ``--kinds`` instead compares the tokenizer kinds on >= 200 MB of JSONL made from the shipped
 corpus (data/corpus.jsonl, its documents reshuffled per copy): a 32k SentencePiece BPE and a 128k
 byte-level BPE (``tokenizers``, Llama 3's layout), both trained on the stdlib text and installed
-packages' sources (the shipped corpus is too small for 128k merges), each through ``preprocess`` with 1 and 2 workers. MB/s per
-CPU-second is the figure to read (the machine is shared: load averages are recorded).
+packages' sources (the shipped corpus is too small for 128k merges), each through ``preprocess``
+with 1 and 2 workers. MB/s per CPU-second is the figure to read (the machine is shared: load
+averages are recorded). The byte-level BPE runs with its chunk memo (``chunk_memo.py``) and once
+without; the memo's hit rate (share of bytes it answered) and size come from one worker's memo
+over the whole file. The shipped corpus repeats by construction, so the memo answers nearly all
+of it; ``distinct_text`` repeats the BPE runs on as many MB of distinct text (the stdlib's and
+the installed packages' sources and docs). Every run's .bin/.idx sha256 is recorded, and
+``same_bytes_with_and_without_memo`` says whether they are all equal.
 Writes bench/results/preprocess_throughput_kinds.json.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import resource
+import site
 import sys
 import tempfile
 import time
@@ -48,11 +56,16 @@ TARGET_MB = 24
 
 def make_corpus(path: Path, target_mb: float = TARGET_MB, site_packages: bool = False) -> int:
     """Stdlib .py/.txt/.rst files (``site_packages``: and the installed packages', for more
-    distinct words), split into ~4 KB documents, until ``target_mb`` of JSONL."""
+    distinct words; then this environment's, for more text), split into ~4 KB documents, until
+    ``target_mb`` of JSONL."""
     stdlib = Path(os.__file__).parent
+    files = sorted(stdlib.rglob("*"))
+    if site_packages:
+        files += sorted(f for d in site.getsitepackages() if not Path(d).is_relative_to(stdlib)
+                        for f in Path(d).rglob("*"))
     size = 0
     with open(path, "w") as out:
-        for f in sorted(stdlib.rglob("*")):
+        for f in files:
             if f.suffix not in (".py", ".txt", ".rst") or not f.is_file() or (
                     "site-packages" in f.parts and not site_packages):
                 continue
@@ -162,6 +175,59 @@ def bpe_breakdown(tok, path: Path, n: int = 20000) -> dict:
             "tiktoken_ids_equal_on_sample": ids == tok.encode_batch(texts)}
 
 
+def memo_pass(tok, path: Path, batch_bytes: int = 1 << 20) -> dict:
+    """One worker's chunk memo over the whole file, in preprocess's ~1 MB batches: its MB/s per
+    CPU-second (encode alone), the share of bytes it answered (hit rate) and its size at the end."""
+    from megatron_llama.data.chunk_memo import ChunkMemo
+    memo = ChunkMemo(tok.tk, tok.eos_id)
+    cpu, nbytes, batch, size = 0.0, 0, [], 0
+
+    def run():
+        nonlocal cpu
+        c0 = time.process_time()
+        memo.encode_documents(batch)
+        cpu += time.process_time() - c0
+
+    with open(path) as f:
+        for line in f:
+            batch.append(json.loads(line)["text"])
+            size += len(line)
+            if size >= batch_bytes:
+                run()
+                batch, size = [], 0
+    if batch:
+        run()
+    held = sys.getsizeof(memo.memo) + sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in memo.memo.items())
+    return {"memo_alone_mb_s_per_cpu_s": round(memo.total_bytes / 1e6 / cpu, 2), "hit_rate_by_bytes": round(memo.hit_rate(), 4),
+            "entries_at_end": len(memo.memo), "memo_mb_at_end": round(held / 1e6, 1), "max_entries": memo.max_entries}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def preprocess_runs(corpus: Path, out: Path, tokenizer: str, runs) -> dict:
+    """``preprocess`` once per (label, workers, chunk_memo): MB/s per CPU-second and per wall
+    second, load averages, the output's sha256 (.bin and .idx)."""
+    r: dict = {}
+    for label, workers, memo in runs:
+        load = os.getloadavg()
+        c0 = cpu_seconds()
+        s = preprocess([str(corpus)], str(out / label), tokenizer, workers=workers, progress=False, chunk_memo=memo)
+        cpu = cpu_seconds() - c0
+        mb = s.input_bytes / 1e6
+        r[label] = {"workers": workers, "chunk_memo": memo,
+                    "mb_s_per_cpu_s": round(mb / cpu, 2), "mb_s_wall": round(mb / s.seconds, 2),
+                    "cpu_s": round(cpu, 1), "wall_s": round(s.seconds, 1),
+                    "load_average_before": [round(x, 2) for x in load],
+                    "load_average_after": [round(x, 2) for x in os.getloadavg()],
+                    "sha256_bin_idx": [sha256(out / f"{label}.bin"), sha256(out / f"{label}.idx")]}
+        r["tokens"], r["bytes_per_token"] = s.tokens, round(s.input_bytes / s.tokens, 2)
+        (out / f"{label}.bin").unlink()
+        print(label, json.dumps(r[label]), flush=True)
+    return r
+
+
 def kinds(target_mb: float) -> dict:
     from megatron_llama.data.tokenizer import load_tokenizer
     from megatron_llama.data.tokenizer_hf import train_bpe_bytelevel
@@ -180,26 +246,31 @@ def kinds(target_mb: float) -> dict:
         t0 = time.perf_counter()
         bpe = train_bpe_bytelevel([str(stdlib)], str(tmp / "bpe128k"), 128000)
         results["train_s_bpe_bytelevel_128k"] = round(time.perf_counter() - t0, 1)
+        distinct = tmp / "distinct.jsonl"
+        results["distinct_text_mb"] = round(make_corpus(distinct, target_mb, site_packages=True) / 1e6, 1)
         for name, path in (("sentencepiece_32k", sp), ("bpe_bytelevel_128k", bpe)):
             tok = load_tokenizer(path)
             r = {"kind": tok.kind, "vocab_size": tok.vocab_size,
                  "raw_encode_batch_mb_s_per_cpu_s": round(raw_batch_mbps(tok, corpus), 2)}
-            if tok.kind == "tokenizers":
+            memo = tok.kind == "tokenizers"
+            if memo:
                 r["breakdown"] = bpe_breakdown(tok, corpus)
-            for workers in (1, 2):
-                load = os.getloadavg()
-                c0 = cpu_seconds()
-                s = preprocess([str(corpus)], str(tmp / f"{name}-{workers}"), path, workers=workers, progress=False)
-                cpu = cpu_seconds() - c0
-                mb = s.input_bytes / 1e6
-                r[f"{workers}w"] = {"mb_s_per_cpu_s": round(mb / cpu, 2), "mb_s_wall": round(mb / s.seconds, 2),
-                                    "cpu_s": round(cpu, 1), "wall_s": round(s.seconds, 1),
-                                    "load_average_before": [round(x, 2) for x in load],
-                                    "load_average_after": [round(x, 2) for x in os.getloadavg()]}
-                r["tokens"], r["bytes_per_token"] = s.tokens, round(s.input_bytes / s.tokens, 2)
-                Path(tmp / f"{name}-{workers}.bin").unlink()
-            r["share_of_cpu_in_encode_1w"] = round(r["1w"]["mb_s_per_cpu_s"] / r["raw_encode_batch_mb_s_per_cpu_s"], 2)
+                r["chunk_memo_refusal"] = tok.chunk_memo_refusal  # None: the memo is on
+                r["memo"] = memo_pass(tok, corpus)
+            runs = [("1w", 1, True), ("2w", 2, True)] + [("1w_without_memo", 1, False)] * memo
+            r.update(preprocess_runs(corpus, tmp, path, runs))
+            alone = r["memo"]["memo_alone_mb_s_per_cpu_s"] if memo else r["raw_encode_batch_mb_s_per_cpu_s"]
+            r["share_of_cpu_in_encode_1w"] = round(r["1w"]["mb_s_per_cpu_s"] / alone, 2)  # the rest: JSON, I/O
             r["target_5_mb_s_per_core_met"] = r["1w"]["mb_s_per_cpu_s"] >= 5 and r["2w"]["mb_s_per_cpu_s"] >= 5
+            if memo:
+                r["same_bytes_with_and_without_memo"] = (r["1w"]["sha256_bin_idx"] == r["2w"]["sha256_bin_idx"]
+                                                         == r["1w_without_memo"]["sha256_bin_idx"])
+                # the shipped corpus repeats by construction; the same on text that does not
+                d = {"memo": memo_pass(tok, distinct)}
+                d.update(preprocess_runs(distinct, tmp, path, runs))
+                d["same_bytes_with_and_without_memo"] = (d["1w"]["sha256_bin_idx"] == d["2w"]["sha256_bin_idx"]
+                                                         == d["1w_without_memo"]["sha256_bin_idx"])
+                r["distinct_text"] = d
             results[name] = r
             print(name, json.dumps(r), flush=True)
     return results

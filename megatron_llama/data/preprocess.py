@@ -9,7 +9,6 @@ renamed only when everything succeeded (see ``indexed.IndexedWriter``).
 """
 from __future__ import annotations
 
-import itertools
 import multiprocessing as mp
 import os
 import time
@@ -87,12 +86,14 @@ def read_chunks(paths: list[str], chunk_bytes: int) -> Iterator[Chunk]:
 _TOKENIZER: Optional[Tokenizer] = None
 
 
-def _init_worker(tokenizer_path: str) -> None:
+def _init_worker(tokenizer_path: str, chunk_memo: bool = True) -> None:
     global _TOKENIZER
     # tokenizers' batch encode would start its own thread pool in every worker: the pool of
     # workers is the parallelism (and a forked Rust pool can deadlock).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _TOKENIZER = Tokenizer.load(tokenizer_path)
+    if not chunk_memo and getattr(_TOKENIZER, "chunk_memo", None) is not None:
+        _TOKENIZER.chunk_memo = None
 
 
 def encode_chunk(chunk: Chunk, text_key: str) -> Encoded:
@@ -105,22 +106,19 @@ def encode_chunk(chunk: Chunk, text_key: str) -> Encoded:
             texts.append(text)
         elif reason is not None:
             bad.append((chunk.path, chunk.first_line + offset, reason))
-    ids = tok.encode_batch(texts) if texts else []
-    for doc in ids:
-        doc.append(tok.eos_id)
-    lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
-    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=token_dtype(tok.vocab_size),
-                         count=int(lengths.sum()))
+    tokens, lengths = tok.encode_documents(texts, token_dtype(tok.vocab_size))
     return Encoded(tokens, lengths, bad, sum(map(len, chunk.lines)))
 
 
 def preprocess(inputs: list[str], output: str, tokenizer: str, text_key: str = "text",
                workers: Optional[int] = None, strict: bool = False, chunk_bytes: int = 1 << 20,
-               progress: bool = True) -> Summary:
+               progress: bool = True, chunk_memo: bool = True) -> Summary:
     """Tokenise ``inputs`` into ``<output>.bin/.idx``; returns what was done.
 
     Bad lines are skipped and counted (``strict``: the first one raises ConfigError and nothing
-    is written). A corpus without a single good document raises ConfigError.
+    is written). A corpus without a single good document raises ConfigError. ``chunk_memo``
+    False: a byte-level BPE encodes without its chunk memo (same ids, slower; the benchmark's
+    reference).
     """
     if not inputs:
         raise ConfigError("no input files: pass --input FILE.jsonl [FILE2.jsonl.gz ...]")
@@ -161,7 +159,7 @@ def preprocess(inputs: list[str], output: str, tokenizer: str, text_key: str = "
             chunks = read_chunks(list(map(str, inputs)), chunk_bytes)
             if workers == 1:  # in-process: no pickling, and what the per-worker benchmark measures
                 before = os.environ.get("TOKENIZERS_PARALLELISM")
-                _init_worker(tokenizer)
+                _init_worker(tokenizer, chunk_memo)
                 try:
                     for chunk in chunks:
                         consume(chunk, encode_chunk(chunk, text_key), writer)
@@ -174,7 +172,7 @@ def preprocess(inputs: list[str], output: str, tokenizer: str, text_key: str = "
                 # fork, not spawn: spawn re-runs the caller's __main__ in every worker (a training
                 # script without a main guard would recurse); workers touch only the tokenizer and numpy.
                 ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-                with ctx.Pool(workers, _init_worker, (tokenizer,)) as pool:
+                with ctx.Pool(workers, _init_worker, (tokenizer, chunk_memo)) as pool:
                     pending: deque = deque()
                     for chunk in chunks:
                         pending.append((chunk, pool.apply_async(encode_chunk, (chunk, text_key))))

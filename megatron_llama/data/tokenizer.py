@@ -16,14 +16,18 @@ that is none of the three is one ConfigError.
 
 Every kind answers the same questions: ``encode`` (no BOS/EOS added: the caller decides; text
 never produces special-token ids), ``encode_batch`` (one native call for many documents),
-``decode``, ``token_to_id``/``id_to_token``, ``vocab_size`` (largest id + 1, what
-``model.vocab_size`` must cover), the special ids (-1 where the tokenizer has none), and
-``checksum`` (sha256 of what determines the ids; recorded with preprocessed data and checkpoints).
+``encode_documents`` (what preprocessing stores: ids + EOS as arrays), ``decode``,
+``token_to_id``/``id_to_token``, ``vocab_size`` (largest id + 1, what ``model.vocab_size`` must
+cover), the special ids (-1 where the tokenizer has none), and ``checksum`` (sha256 of what
+determines the ids; recorded with preprocessed data and checkpoints).
 """
 from __future__ import annotations
 
+from itertools import chain
 from pathlib import Path
 from typing import Iterable, Optional, Union
+
+import numpy as np
 
 from ..config.errors import ConfigError
 
@@ -52,6 +56,15 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         raise NotImplementedError
+
+    def encode_documents(self, texts: list[str], dtype) -> tuple[np.ndarray, np.ndarray]:
+        """What preprocessing stores: (tokens [sum(lengths)] of ``dtype``, every document's ids
+        followed by ``eos_id``; lengths [len(texts)] int32, EOS included)."""
+        ids = self.encode_batch(texts) if texts else []
+        for doc in ids:
+            doc.append(self.eos_id)
+        lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
+        return np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum())), lengths
 
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
