@@ -151,3 +151,16 @@ def test_preprocess_writes_the_same_bytes_with_and_without_the_memo(bpe, tmp_pat
                    progress=False, chunk_memo=memo)
     for ext in (".bin", ".idx"):
         assert (tmp_path / f"mTrue{ext}").read_bytes() == (tmp_path / f"mFalse{ext}").read_bytes()
+
+
+def test_truncation_and_padding_saved_in_a_tokenizer_json_do_not_cut_documents(bpe):
+    """A tokenizer.json saved with truncation (here to 8 tokens) and padding set encodes whole
+    documents: preprocessing never cuts or pads text through the tokenizer."""
+    tok = bpe
+    spec = json.loads(tok.tokenizer_json)
+    spec["truncation"] = {"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+    spec["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None,
+                       "pad_id": 0, "pad_type_id": 0, "pad_token": tok.id_to_token(0)}
+    cut = HFTokenizer(json.dumps(spec), tok.special, tok.path)
+    text = "a document much longer than eight tokens, " * 5
+    assert cut.encode(text) == tok.encode(text) and len(cut.encode(text)) > 8

@@ -103,7 +103,8 @@ def test_invalid_json_says_what_and_where():
              b"not json": "invalid JSON (Expecting value at column 1)",
              b'{"text": "abc': "invalid JSON (Unterminated string starting at column 10)",
              b'{"text": "x"} y': "invalid JSON (Extra data at column 15)",
-             b'{"text": "\xff"}': "invalid JSON (not UTF-8 at byte 11)"}
+             b'{"text": "\xff"}': "invalid JSON (not UTF-8 at byte 11)",
+             b'{"text": "ab\\ud800"}': "field 'text' holds an unpaired surrogate \\ud800 at character 2"}
     for line, reason in cases.items():
         assert parse_line(line, "text") == (None, reason), line
 

@@ -78,6 +78,10 @@ def parse_line(line: bytes, text_key: str) -> tuple[Optional[str], Optional[str]
         return None, f"field {text_key!r} is {type(text).__name__}, not a string"
     if not text:
         return None, f"field {text_key!r} is empty"
+    try:  # JSON may escape a lone UTF-16 surrogate, which no tokenizer can encode
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return None, f"field {text_key!r} holds an unpaired surrogate \\u{ord(text[e.start]):04x} at character {e.start}"
     return text, None
 
 

@@ -65,6 +65,9 @@ class HFTokenizer(Tokenizer):
         from tokenizers import Tokenizer as RustTokenizer
         self.tokenizer_json, self.path = tokenizer_json, path
         self.tk = tk = RustTokenizer.from_str(tokenizer_json)
+        # a file saved after someone used truncation/padding keeps them; documents are never cut or padded here
+        tk.no_truncation()
+        tk.no_padding()
         self.config = dict(config or {})
         self.special = {k: v for k, v in special.items() if v is not None}
         self.checksum = checksum or tokenizer_checksum(tokenizer_json.encode("utf-8"), self.special)
