@@ -13,6 +13,7 @@ pairs of DPO's held-out split (prompts the SFT model trained on, as every prefer
 of the instruction set's; DPO never saw them).
 
     python bench/dpo_tiny_rate.py --out bench/results/dpo_tiny_rate.json
+    python bench/dpo_tiny_rate.py --out bench/results/dpo_tiny_rate_no_rpo.json dpo.rpo_alpha=0 train.lr=1e-3  # plain DPO
 """
 from __future__ import annotations
 
@@ -60,13 +61,14 @@ def generates_chosen(checkpoint: str, hf_dir: Path, probes: list[dict], env: dic
         sys.exit(f"error: export failed:\n{p.stderr[-2000:]}")
     tok = AutoTokenizer.from_pretrained(hf_dir)
     model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    right = []
-    for r in probes:
-        ids = tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)["input_ids"]
-        out = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.eos_token_id)
-        right.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == r["chosen"])
+    seqs = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
+                                    return_dict=True)["input_ids"] for r in probes]
+    width, pad = max(map(len, seqs)), tok.eos_token_id  # one left-padded batch: greedy, as one at a time
+    ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in seqs])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs])
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                         eos_token_id=tok.eos_token_id, pad_token_id=pad)
+    right = [tok.decode(o[width:], skip_special_tokens=True).strip() == r["chosen"] for o, r in zip(out, probes)]
     return right
 
 
@@ -74,7 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sft-steps", type=int, default=140)
     ap.add_argument("--eval-interval", type=int, default=50)
-    ap.add_argument("--probes", type=int, default=12, help="held-out prompts asked for their chosen answer")
+    ap.add_argument("--probes", type=int, default=48, help="held-out prompts asked for their chosen answer")
     ap.add_argument("--out", default="bench/results/dpo_tiny_rate.json")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides of configs/dpo-tiny-cpu.yaml")
     a = ap.parse_args()

@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,8 +49,24 @@ def held_out_probes(data: Path, count: int) -> list[dict]:
             if held[i] and isinstance(r.get("prompt"), str) and isinstance(r.get("chosen"), str)][:count]
 
 
+def greedy_answers(model, tok, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
+    """``transformers`` greedy ``generate`` for all prompts in one left-padded batch (the same answers
+    as one prompt at a time: checked on the journey's model, 48 of 48)."""
+    seqs = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                    return_dict=True)["input_ids"] for p in prompts]
+    width, pad = max(map(len, seqs)), tok.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in seqs])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs])
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=tok.eos_token_id, pad_token_id=pad)
+    return [tok.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+
+
 def _cli(args, env, timeout=600):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    print(f"[{time.perf_counter() - t0:5.1f} s] {' '.join(a for a in args[:3])}")
+    return p
 
 
 @pytest.mark.slow
@@ -116,17 +133,15 @@ def test_sft_then_dpo_then_export(tmp_path):
     hf_tok = AutoTokenizer.from_pretrained(hf_dir)
     model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     probes = held_out_probes(data, PROBES)
+    t0 = time.perf_counter()
+    answers = greedy_answers(model, hf_tok, [r["prompt"] for r in probes])
     right = 0
-    for i, r in enumerate(probes):
-        ids = hf_tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True,
-                                         return_tensors="pt", return_dict=True)["input_ids"]
-        out = model.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=hf_tok.eos_token_id,
-                             pad_token_id=hf_tok.eos_token_id)
-        answer = hf_tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    for i, (r, answer) in enumerate(zip(probes, answers)):
         right += answer == r["chosen"]
         if i < 12:
             print(f"  {r['prompt']!r} -> {answer!r}" + ("" if answer == r["chosen"] else f" (chosen {r['chosen']!r})"))
-    print(f"  transformers generates the chosen answer for {right} of {len(probes)} held-out prompts")
+    print(f"  transformers generates the chosen answer for {right} of {len(probes)} held-out prompts "
+          f"[{time.perf_counter() - t0:.1f} s]")
     # measured 37 of 48 (8 of the first 12); the SFT start: 15 (2 of 12); the 300-step SFT quickstart: 36 (9 of
     # 12). What it misses is mostly copying a number from the prompt ("Dan has 8 cows." -> "Dan has 2 cows.")
     assert right >= 35
