@@ -13,7 +13,8 @@ pairs of DPO's held-out split (prompts the SFT model trained on, as every prefer
 of the instruction set's; DPO never saw them).
 
     python bench/dpo_tiny_rate.py --out bench/results/dpo_tiny_rate.json
-    python bench/dpo_tiny_rate.py --out bench/results/dpo_tiny_rate_no_rpo.json dpo.rpo_alpha=0 train.lr=1e-3  # plain DPO
+    python bench/dpo_tiny_rate.py --out bench/results/dpo_tiny_rate_no_rpo.json \
+        dpo.rpo_alpha=0 train.lr=1e-3                                          # plain DPO
 """
 from __future__ import annotations
 
@@ -121,8 +122,8 @@ def main() -> None:
     tmp_out = out.with_suffix(".tmp")
     tmp_out.write_text(json.dumps(result, indent=2) + "\n")
     tmp_out.replace(out)
-    print(f"SFT {a.sft_steps} steps: {sft_rate:.1%}, generates {sum(sft_right)}/{len(probes)} -> DPO {curve[-1]['step']} "
-          f"steps: {curve[-1]['prefers_chosen']:.1%}, generates {sum(dpo_right)}/{len(probes)} "
+    print(f"SFT {a.sft_steps} steps: {sft_rate:.1%}, generates {sum(sft_right)}/{len(probes)} -> "
+          f"DPO {curve[-1]['step']} steps: {curve[-1]['prefers_chosen']:.1%}, generates {sum(dpo_right)}/{len(probes)} "
           f"(SFT {sft_s:.0f} s, DPO {dpo_s:.0f} s) -> {out}")
 
 

@@ -106,7 +106,8 @@ def test_sft_then_dpo_then_export(tmp_path):
     sft_rate, dpo_rate = final["valid_reference_prefers_chosen"], final["valid_prefers_chosen"]
     print(f"\nheld-out pairs preferring the chosen answer: SFT {sft_rate:.1%} -> DPO {dpo_rate:.1%} at step {step}; "
           f"reward accuracy {final['valid_rewards/accuracies']:.1%}, margin {final['valid_rewards/margins']:.3f}, "
-          f"log p(chosen) {final['valid_rewards/chosen'] / BETA:+.2f} from the SFT model's, NLL {final['valid_nll']:.3f}")
+          f"log p(chosen) {final['valid_rewards/chosen'] / BETA:+.2f} from the SFT model's, "
+          f"NLL {final['valid_nll']:.3f}")
     assert step == 200 and sft_rate < 0.9 <= dpo_rate and dpo_rate > sft_rate  # measured 86.5 % -> 100 %
     assert final["valid_rewards/accuracies"] > 0.95 and final["valid_rewards/margins"] > 4  # measured 99.5 %, 5.86
     # the NLL term lifts log p(chosen) above the SFT model's (plain DPO pushed it down, from -4.8 to -11.0)
