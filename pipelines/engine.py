@@ -206,6 +206,8 @@ class TrainEngine:
         if micro_batches and len(micro_batches[0]) == 4 and not pairs:
             micro_batches, _ = weigh_answer_tokens(micro_batches, self.layout.dp,
                                                    self.grid.get_data_parallel_group(), self.device)
+        if pairs:
+            self.objective.prepare(micro_batches, self.layout.dp, self.grid.get_data_parallel_group())
         if self.pipelined:
             # first stage reads the inputs, last stage the loss targets (DeepSpeed's contract)
             it = (self._pipe_item(mb) for mb in micro_batches)
@@ -288,16 +290,18 @@ class TrainEngine:
         """Mean loss over ``grad_accum_steps`` micro-batches ``(tokens, labels)`` [b, s] (pair
         objectives: preference micro-batches) of every DP rank, without gradients; the same value
         on every rank. The objective's metrics of these batches: ``objective.collect`` next."""
+        micro_batches = [tuple(t.to(self.device) for t in mb) for mb in micro_batches]
+        if self.objective.pairs:
+            self.objective.prepare(micro_batches, self.layout.dp, self.grid.get_data_parallel_group())
         if self.pipelined:
-            it = (self._pipe_item(tuple(t.to(self.device) for t in mb)) for mb in micro_batches)
+            it = (self._pipe_item(mb) for mb in micro_batches)
             out = self.engine.eval_batch(data_iter=it)
             self.engine.module.train()
             return float(out.item())
         self.engine.module.eval()
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         with torch.no_grad():
-            for mb in micro_batches:
-                tokens, labels, *rest = (t.to(self.device) for t in mb)
+            for tokens, labels, *rest in micro_batches:
                 if self.objective.pairs:
                     total += self.objective.loss(self.engine(tokens), (labels, *rest)).float()
                 else:

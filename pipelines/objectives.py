@@ -46,6 +46,10 @@ class Objective:
         from .stages import pipeline_loss
         return pipeline_loss(output, labels)
 
+    def prepare(self, micro_batches: list, dp: int, dp_group) -> None:
+        """Called on every rank before a step / evaluation of pair micro-batches (DPO's NLL term
+        counts the global batch's chosen tokens here); nothing to do by default."""
+
     def _add(self, stats: torch.Tensor) -> None:
         self.sums = stats if self.sums is None else self.sums + stats
 

@@ -10,11 +10,13 @@ log-probs with our model built from ``ref_model``'s weights (the stored referenc
 them the same way), and compare: loss, ``rewards/chosen``, ``rewards/rejected``,
 ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected`` and every parameter's gradient, rel err <= 1e-5.
 
-Losses: ``sigmoid`` (DPO), ``ipo``, and cDPO (sigmoid with label smoothing 0.2). TRL 1.16 has no
+Losses: ``sigmoid`` (DPO), ``ipo``, cDPO (sigmoid with label smoothing 0.2) and RPO (sigmoid + 0.5 NLL). TRL 1.16 has no
 cDPO loss type of its own (its ``label_smoothing`` feeds ``robust`` and ``exo_pair``); with
 A = -log sigma(beta d), B = -log sigma(-beta d) its ``robust`` loss is
 ((1 - e) A - e B) / (1 - 2e), so cDPO = (1 - e) A + e B = 2(1 - e) * sigmoid - (1 - 2e) * robust,
-which TRL computes as ``loss_type=[sigmoid, robust]`` with those ``loss_weights``.
+which TRL computes as ``loss_type=[sigmoid, robust]`` with those ``loss_weights``. RPO
+(``dpo.rpo_alpha``): TRL 1.16's ``loss_type=[sigmoid, sft]``, ``loss_weights=[1, alpha]``, whose
+``sft`` term is the mean of ``-log p`` over the batch's chosen completion tokens.
 
 The vocabulary (31 tokens) is padded to 32 at TP 2, so the padded logits are in play too.
 """
@@ -38,6 +40,9 @@ CASES = {  # name: (DPOConfig kwargs, TRL DPOConfig kwargs)
     "cdpo": (dict(beta=0.1, loss="sigmoid", label_smoothing=0.2),
              dict(beta=0.1, loss_type=["sigmoid", "robust"], loss_weights=[2 * 0.8, -(1 - 2 * 0.2)],
                   label_smoothing=0.2)),
+    # RPO: DPO + alpha * the mean NLL of the chosen answer tokens (TRL < 1.0: rpo_alpha)
+    "rpo": (dict(beta=0.1, loss="sigmoid", rpo_alpha=0.5),
+            dict(beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])),
 }
 
 

@@ -5,7 +5,10 @@ saved with ``save_pretrained`` is the policy's start and the reference (``train.
 the same 200 pairs of the shipped preference set, global batch 4 pairs, 4 steps. TP1·PP1·DP1 and
 TP2·PP2·DP2 each compute their own reference pass (own ``dpo.reference_dir``), so the pass itself
 is compared too (vocab-parallel log-probs at TP2, on the last of two pipeline stages, rows split
-over DP2), then the losses, gradient norms and TRL-style reward metrics of every step.
+over DP2), then the losses, gradient norms and TRL-style reward metrics of every step. Both runs
+add the RPO term (``dpo.rpo_alpha``): its mean over the chosen answer tokens of the global batch
+must not depend on how the batch is split into micro-batches and DP ranks, and at step 1 the loss
+is exactly ``log 2 + alpha * nll`` (policy == reference).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 RTOL = 1e-5
+ALPHA = 0.2  # dpo.rpo_alpha
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +66,7 @@ def overrides(root: Path, tp=1, pp=1, dp=1, extra=()):
             f"train.micro_batch_size={mbs}", "train.grad_accum_steps=2", "train.global_batch_size=4",
             f"train.steps={STEPS}", "train.warmup_steps=1", "train.lr=3e-3", "train.weight_decay=0",
             "train.precision=fp32", "train.seed=7", "train.eval_iters=1", f"parallel.tp={tp}", f"parallel.pp={pp}",
-            f"parallel.dp={dp}", "dpo.beta=0.5", *extra]
+            f"parallel.dp={dp}", "dpo.beta=0.5", f"dpo.rpo_alpha={ALPHA}", *extra]
 
 
 def _train(rank, world, args):
@@ -91,7 +95,8 @@ def test_dpo_is_the_same_in_every_layout(dist_pool, dpo_start):
         ok = ~np.isnan(a)
         assert np.allclose(b[ok], a[ok], rtol=RTOL, atol=0), np.abs(b[ok] / a[ok] - 1).max()
     assert len(losses) == STEPS and max(losses) - min(losses) > 1e-3, "the run should move its weights"
-    assert losses[0] == pytest.approx(np.log(2), rel=1e-6), "at step 0 the policy is the reference"
+    # at step 0 the policy is the reference: log 2 plus the NLL term, per chosen token of the global batch
+    assert losses[0] == pytest.approx(np.log(2) + ALPHA * metrics[0]["nll"], rel=1e-6)
     print(f"\nDPO TP2·PP2·DP2 vs TP1: losses {losses3} vs {losses}; grad norms {norms3} vs {norms}")
     assert losses3 == pytest.approx(losses, rel=RTOL, abs=0)
     assert norms3 == pytest.approx(norms, rel=RTOL, abs=0)
@@ -103,7 +108,7 @@ def test_dpo_is_the_same_in_every_layout(dist_pool, dpo_start):
         assert set(m) == set(m3) and "rewards/margins" in m
         scale = 0.5 * abs(m["logps/chosen"])  # beta * |log p|
         for k in m:
-            if k.startswith("logps/"):
+            if k.startswith("logps/") or k == "nll":
                 assert m3[k] == pytest.approx(m[k], rel=RTOL), (step, k)
             elif k.startswith("rewards/") and k != "rewards/accuracies":
                 assert abs(m3[k] - m[k]) <= 2e-6 * scale, (step, k, m3[k], m[k])
@@ -129,6 +134,8 @@ BAD_INPUT = {  # name: (overrides, words the error line must contain)
     "reward model as policy": (["train.init_from={reward}"], "is a reward model"),
     "cdpo with ipo": (["dpo.loss=ipo", "dpo.label_smoothing=0.1"], "sigmoid loss only"),
     "unknown loss": (["dpo.loss=hinge"], "dpo.loss='hinge'"),
+    "rpo_alpha negative": (["dpo.rpo_alpha=-0.1"], "dpo.rpo_alpha=-0.1 must be a finite number >= 0"),
+    "rpo_alpha nan": (["dpo.rpo_alpha=nan"], "dpo.rpo_alpha=nan must be a finite number >= 0"),
 }
 
 
