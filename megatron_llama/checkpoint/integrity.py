@@ -5,8 +5,10 @@ every file of the checkpoint directory except ``run.json`` itself. The files are
 ranks, each hashes its share (just written, usually still in the page cache) and rank 0 gathers the
 table. Measured (bench/results/h100-async-save.json): zlib CRC-32 at 4.2 GB/s in memory, 2.8 GB/s
 re-reading cached files; one rank holding a 26.3 GB ZeRO-1 checkpoint spends 9.3 s on it, 23 % of a
-40 s synchronous save (an asynchronous save hashes in its background writer instead). Verification before a resume works the same way: sizes on every
-rank (a ``stat`` per file), CRCs split over the ranks, the first problem found is reported by all.
+40 s synchronous save (an asynchronous save hashes in its background writer instead); those figures
+are from one thread, before ``crc32.py`` hashed ranges of each file with several. Verification before
+a resume works the same way: sizes on every rank (a ``stat`` per file), CRCs split over the ranks, the
+first problem found is reported by all.
 
 A checkpoint written before this table existed has no ``files``: it is accepted unchecked.
 """
