@@ -44,6 +44,7 @@ import torch.distributed as dist
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
 from . import integrity
+from .crc32 import crc32_of
 from .directory import TMP_SUFFIX, begin_save, client_state, finish_save, run_meta, tag_for
 
 
@@ -188,7 +189,7 @@ class _Writer(threading.Thread):
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
                 size = path.stat().st_size
-                self.files[str(path.relative_to(self.snapshot.tmp_dir))] = [size, integrity.crc32_of(path)]
+                self.files[str(path.relative_to(self.snapshot.tmp_dir))] = [size, crc32_of(path)]
                 self.bytes_written += size
                 if self.after_file is not None:
                     self.after_file(n)
@@ -290,7 +291,7 @@ class AsyncSaves:
         if rank == 0:  # what DeepSpeed wrote itself, synchronously (zero_to_fp32.py and friends)
             for name in integrity.list_files(tmp):
                 if name not in files:
-                    files[name] = [(tmp / name).stat().st_size, integrity.crc32_of(tmp / name)]
+                    files[name] = [(tmp / name).stat().st_size, crc32_of(tmp / name)]
         return finish_save(p.root, p.step, p.meta, dict(sorted(files.items())), self.keep_last)
 
     def close(self) -> None:

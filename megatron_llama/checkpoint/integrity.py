@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from .crc32 import crc32_files, crc32_of  # noqa: F401  (crc32_of: the async writer's per-file hash)
+from .crc32 import crc32_files
 
 MARKER = "run.json"
 

@@ -56,8 +56,6 @@ def fast_path_refusal(spec: dict) -> Optional[str]:
     model = spec.get("model") or {}
     if spec.get("normalizer") is not None:
         return "it has a normalizer"
-    if spec.get("truncation") is not None or spec.get("padding") is not None:
-        return "it truncates or pads"
     if not steps or len(steps) != 2:
         return "its pre-tokenizer is not Split + ByteLevel"
     split, byte_level = steps
