@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -40,9 +41,16 @@ def check_encode_arguments(inputs: list[str], overlong: str, seq_len: Optional[i
         raise ConfigError(f"--seq-len must be >= 2, got {seq_len}")
 
 
+@dataclass(kw_only=True)
 class SkippedRecords:
-    """Bad-record bookkeeping of a preprocessing summary (a dataclass with ``skipped: int``,
-    ``reasons: dict`` of kind -> count and ``bad_examples: list``)."""
+    """What a preprocessing summary counts besides its output: truncated and bad records, with
+    examples of the bad ones and their count by kind of reason, and the time taken."""
+
+    truncated: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    reasons: dict = field(default_factory=dict)   # reason kind -> count
+    bad_examples: list = field(default_factory=list)   # (path, line, reason), at most MAX_REPORTED
 
     def bad_record(self, path: str, line: int, reason: str, strict: bool) -> None:
         """Count a bad record, or stop at it with ``--strict``."""

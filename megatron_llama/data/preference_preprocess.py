@@ -15,7 +15,7 @@ first, the token ``.idx`` (the "finished" marker) last, after an older one was r
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -47,11 +47,6 @@ class PreferenceSummary(SkippedRecords):
     pairs: int = 0
     tokens: int = 0
     with_margin: int = 0
-    truncated: int = 0
-    skipped: int = 0
-    seconds: float = 0.0
-    reasons: dict = field(default_factory=dict)
-    bad_examples: list = field(default_factory=list)
 
     def describe(self) -> str:
         lines = [f"wrote {self.output}.bin/.idx + .lossmask.bin/.idx + .margin.npy + .pref.json: {self.pairs:,} "

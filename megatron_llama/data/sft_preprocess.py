@@ -15,7 +15,7 @@ pretraining corpora (100k conversations encode in seconds).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -42,11 +42,6 @@ class SFTSummary(SkippedRecords):
     samples: int = 0
     tokens: int = 0
     answer_tokens: int = 0
-    truncated: int = 0
-    skipped: int = 0
-    seconds: float = 0.0
-    reasons: dict = field(default_factory=dict)   # reason kind -> count
-    bad_examples: list = field(default_factory=list)
 
     def describe(self) -> str:
         lines = [f"wrote {self.output}.bin/.idx + .lossmask.bin/.idx + .sft.json: {self.samples:,} samples, "
