@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_llama.checkpoint.integrity import without_zip_crc
 from megatron_llama.checkpoint.mapped_load import MappedLoad
 from megatron_llama.config import RunConfig
 from megatron_llama.model import LMHead, LlamaModel, fp8, lm_loss
@@ -318,8 +319,9 @@ class TrainEngine:
         """Every rank writes its shards under ``save_dir/tag``. DeepSpeed's own ``latest`` is not
         written: megatron_llama/checkpoint/directory.py marks a checkpoint complete and points ``latest`` at it.
         ``checkpoint_engine`` replaces DeepSpeed's (torch.save) for this save only: the asynchronous
-        save's host snapshot (megatron_llama/checkpoint/async_save.py)."""
-        with self._checkpoint_engine(checkpoint_engine):
+        save's host snapshot (megatron_llama/checkpoint/async_save.py). torch.save writes no zip CRCs
+        here: run.json's table covers the files (megatron_llama/checkpoint/integrity.py)."""
+        with self._checkpoint_engine(checkpoint_engine), without_zip_crc():
             self.engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
 
     def load(self, save_dir: str, tag: Optional[str] = None) -> Optional[dict]:

@@ -105,3 +105,41 @@ def test_crc32_of_ranges_read_in_parallel_is_zlibs(tmp_path, monkeypatch):
         paths[-1].write_bytes(rng.randbytes(n))
     for threads in (1, 3):
         assert crc32.crc32_files(paths, threads) == {p: zlib.crc32(p.read_bytes()) for p in paths}
+
+
+def test_checkpoint_saves_skip_torchs_zip_crc_and_restore_it(tmp_path):
+    """integrity.without_zip_crc: torch.save writes CRC 0 for every record while any caller is
+    inside (nested, and in another thread), the setting comes back afterwards, and the file still
+    loads; a flipped byte is what run.json's table catches (torch.load does not)."""
+    import threading
+    import zipfile
+
+    import torch
+
+    from megatron_llama.checkpoint import integrity
+    t = torch.arange(4096, dtype=torch.float32)
+
+    def crcs(path):
+        return {i.CRC for i in zipfile.ZipFile(path).infolist()}
+
+    def save_inside(name):
+        with integrity.without_zip_crc():
+            with integrity.without_zip_crc():
+                pass
+            torch.save({"t": t}, tmp_path / name)  # still inside after a nested block ended
+
+    writer = threading.Thread(target=save_inside, args=("w.pt",))  # as the asynchronous writer
+    writer.start()
+    save_inside("a.pt")
+    writer.join()
+    assert torch.serialization.get_crc32_options() is True
+    torch.save({"t": t}, tmp_path / "b.pt")
+    assert crcs(tmp_path / "w.pt") == {0}
+    assert crcs(tmp_path / "a.pt") == {0} and 0 not in crcs(tmp_path / "b.pt")
+    assert torch.equal(torch.load(tmp_path / "a.pt")["t"], t)
+    table = integrity.manifest(tmp_path, collective=False)
+    data = bytearray((tmp_path / "a.pt").read_bytes())
+    data[data.find(t[100:102].numpy().tobytes())] ^= 0xFF
+    (tmp_path / "a.pt").write_bytes(bytes(data))
+    assert not torch.equal(torch.load(tmp_path / "a.pt")["t"], t)  # why the table is needed
+    assert integrity.verify(tmp_path, table) == "a.pt has a wrong checksum"

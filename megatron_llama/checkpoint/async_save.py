@@ -185,7 +185,8 @@ class _Writer(threading.Thread):
         t0 = time.perf_counter()
         try:
             for n, (path, state) in enumerate(self.snapshot.files, 1):
-                torch.save(state, path, _use_new_zipfile_serialization=self.snapshot.zipfile_serialization)
+                with integrity.without_zip_crc():  # as the synchronous save: the table replaces it
+                    torch.save(state, path, _use_new_zipfile_serialization=self.snapshot.zipfile_serialization)
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
                 size = path.stat().st_size
