@@ -13,8 +13,10 @@ time: two 7B-8l checkpoints with optimizer state need ~50 GB):
    writing the shards (``write_s``; torch.save, no fsync: the data may still be in the page cache),
    the CRC table (``crc_s``, re-reading the files), the commit; then ``fsync_s``, what it takes to
    make the files durable afterwards. The training stall of a sync save is ``save_s``.
-3. ``async_first`` / ``async_reused``: ``train.async_save``'s saver (megatron_llama/checkpoint/
-   async_save.py) twice: the first allocates and page-locks the host buffers, the second reuses them.
+3. ``async_first`` / ``async_zip_crc`` / ``async_reused``: ``train.async_save``'s saver
+   (megatron_llama/checkpoint/async_save.py) three times: the first allocates and page-locks the
+   host buffers, the next ones reuse them; ``async_zip_crc`` has torch.save compute its zip's
+   per-record CRCs as the writer did before ``integrity.without_zip_crc``.
    ``stall_s`` is the training loop's wait for the copy to host memory; training steps run while the
    writer writes (``steps_during_write``, their extra time over the median step ``slowdown_s``), then
    the commit at a step boundary (``commit_s``); ``write_s`` / ``write_gb_s`` the background write
@@ -31,6 +33,7 @@ Writes ``bench/results/<device>-async-save.json`` (or ``--out``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -216,10 +219,13 @@ def main() -> int:
     # --- asynchronous saves ----------------------------------------------------------------------------
     rss0 = _rss_gib()
     saver = AsyncSaves(engine, str(args.dir), keep_last=1, device=device)
-    for label in ("async_first", "async_reused"):
+    product_without_zip_crc = integrity.without_zip_crc
+    for label in ("async_first", "async_zip_crc", "async_reused"):
         step = step_no[0]
         print_before = _fingerprint(engine) if label == "async_reused" else None
         step_times.clear()
+        # async_zip_crc: buffers reused, but torch.save computes its zip CRCs as before this version
+        integrity.without_zip_crc = contextlib.nullcontext if label == "async_zip_crc" else product_without_zip_crc
         saver.save(cfg, layout, step, 0, 0.0, reason="bench")
         stall = saver.timing.stall_s
         losses_during = []
@@ -243,7 +249,7 @@ def main() -> int:
         print(f"{label}: stall {stall:.2f} s, write {t.write_s:.1f} s ({rec['write_gb_s']:.2f} GB/s) while "
               f"{len(step_times)} steps ran (+{slow:.2f} s), commit {commit_s:.2f} s; "
               f"{rec['stall_fraction'] * 100:.1f} % of the sync save", flush=True)
-        if label == "async_first":
+        if label != "async_reused":
             shutil.rmtree(committed)  # one checkpoint on disk at a time
         else:
             saved_fp, next_loss, ckpt = print_before, losses_during[0], committed
