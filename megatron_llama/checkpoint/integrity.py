@@ -3,18 +3,18 @@
 ``run.json`` (the completeness marker) carries ``files``: ``{relative path: [size, crc32]}`` for
 every file of the checkpoint directory except ``run.json`` itself. The files are split over the
 ranks, each hashes its share (just written, usually still in the page cache) and rank 0 gathers the
-table. Measured (bench/results/h100-async-save.json): zlib CRC-32 at 4.2 GB/s in memory, 2.8 GB/s
-re-reading cached files; one rank holding a 26.3 GB ZeRO-1 checkpoint spends 9.3 s on it, 23 % of a
-40 s synchronous save (an asynchronous save hashes in its background writer instead); those figures
-are from one thread, before ``crc32.py`` hashed ranges of each file with several. Verification before
-a resume works the same way: sizes on every rank (a ``stat`` per file), CRCs split over the ranks, the
-first problem found is reported by all.
+table. Measured for one rank holding a 26.3 GB ZeRO-1 checkpoint on an H100 host: 9.3 s, 23 % of a
+40 s synchronous save, with one thread (bench/results/h100-async-save.json); 2.1 s (12.8 GB/s from
+the page cache) with ``crc32.py``'s threads (h100-async-save-zip-crc.json). An asynchronous save
+hashes in its background writer instead. Verification before a resume works the same way: sizes on
+every rank (a ``stat`` per file), CRCs split over the ranks, the first problem found is reported by
+all; cold from that host's disk, 16.8 s with 8 threads against 40.8 s with one.
 
 A checkpoint written before this table existed has no ``files``: it is accepted unchecked.
 
 The table replaces the CRC-32 that ``torch.save`` writes for every record of its zip file
 (:func:`without_zip_crc`): torch computes that one in the saving thread at zlib's speed (2.1 GB/s
-on the H100 host of bench/results/h100-async-save-zip-crc.json: ~12 s of a 26.3 GB save) and
+on the H100 host of bench/results/h100-async-save-zip-crc.json: ~12 s for 26.3 GB) and
 ``torch.load`` never checks it (a flipped byte in a tensor loads silently, mapped or not), so it
 protected nothing. Checkpoint files still load with ``torch.load``; ``unzip -t`` reports their
 records' CRCs as wrong.
