@@ -181,16 +181,23 @@ META = dict(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=300, multipl
             rope_theta=10000.0)  # 3 query heads per KV head: neither 1 nor n_kv_heads
 
 
-def _meta_weights(p: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+def _meta_weights(p: dict, seed: int = 0, tied: bool = False) -> dict[str, torch.Tensor]:
+    """Random Meta-layout weights for params.json ``p`` (``ffn_dim_multiplier`` as Llama 3's);
+    ``tied``: no ``output.weight`` (Llama 3.2)."""
     g = torch.Generator().manual_seed(seed)
     d, hd = p["dim"], p["dim"] // p["n_heads"]
-    f = p["multiple_of"] * math.ceil(int(2 * 4 * d / 3) / p["multiple_of"])
+    f = int(p.get("ffn_dim_multiplier", 1.0) * int(2 * 4 * d / 3))
+    f = p["multiple_of"] * math.ceil(f / p["multiple_of"])
 
     def mat(o, i, scale=1.0):
         return torch.randn(o, i, generator=g) * scale / i ** 0.5
 
-    w = {"tok_embeddings.weight": torch.randn(p["vocab_size"], d, generator=g),
-         "norm.weight": 1 + 0.2 * torch.randn(d, generator=g), "output.weight": mat(p["vocab_size"], d)}
+    def norm():
+        return 1 + 0.2 * torch.randn(d, generator=g)
+
+    w = {"tok_embeddings.weight": torch.randn(p["vocab_size"], d, generator=g), "norm.weight": norm()}
+    if not tied:
+        w["output.weight"] = mat(p["vocab_size"], d)
     for i in range(p["n_layers"]):
         # large q/k: sharp attention, so rotary mistakes change the logits by O(1), not 1e-5
         w |= {f"layers.{i}.attention.wq.weight": mat(p["n_heads"] * hd, d, 4.0),
@@ -199,8 +206,7 @@ def _meta_weights(p: dict, seed: int = 0) -> dict[str, torch.Tensor]:
               f"layers.{i}.attention.wo.weight": mat(d, p["n_heads"] * hd),
               f"layers.{i}.feed_forward.w1.weight": mat(f, d), f"layers.{i}.feed_forward.w3.weight": mat(f, d),
               f"layers.{i}.feed_forward.w2.weight": mat(d, f),
-              f"layers.{i}.attention_norm.weight": 1 + 0.2 * torch.randn(d, generator=g),
-              f"layers.{i}.ffn_norm.weight": 1 + 0.2 * torch.randn(d, generator=g)}
+              f"layers.{i}.attention_norm.weight": norm(), f"layers.{i}.ffn_norm.weight": norm()}
     return w
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from checkpoints_tools.convert import main
+from test_convert_cli import _meta_weights
 from test_model_parity import hf_reference
 
 LLAMA3_ROPE = dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -149,32 +150,6 @@ def _tiktoken_file(path: Path) -> None:
     path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for r, t in enumerate(tokens)))
 
 
-def _meta3_weights(p: dict, tied: bool, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    d, hd = p["dim"], p["dim"] // p["n_heads"]
-    f = int(p["ffn_dim_multiplier"] * int(2 * 4 * d / 3))
-    f = p["multiple_of"] * ((f + p["multiple_of"] - 1) // p["multiple_of"])
-
-    def mat(o, i, scale=1.0):
-        return torch.randn(o, i, generator=g) * scale / i ** 0.5
-
-    def norm():
-        return 1 + 0.2 * torch.randn(d, generator=g)
-
-    w = {"tok_embeddings.weight": torch.randn(p["vocab_size"], d, generator=g), "norm.weight": norm()}
-    if not tied:
-        w["output.weight"] = mat(p["vocab_size"], d)
-    for i in range(p["n_layers"]):
-        w |= {f"layers.{i}.attention.wq.weight": mat(p["n_heads"] * hd, d, 4.0),
-              f"layers.{i}.attention.wk.weight": mat(p["n_kv_heads"] * hd, d, 4.0),
-              f"layers.{i}.attention.wv.weight": mat(p["n_kv_heads"] * hd, d),
-              f"layers.{i}.attention.wo.weight": mat(d, p["n_heads"] * hd),
-              f"layers.{i}.feed_forward.w1.weight": mat(f, d), f"layers.{i}.feed_forward.w3.weight": mat(f, d),
-              f"layers.{i}.feed_forward.w2.weight": mat(d, f),
-              f"layers.{i}.attention_norm.weight": norm(), f"layers.{i}.ffn_norm.weight": norm()}
-    return w
-
-
 def _meta3_reference(w: dict, p: dict, tokens: torch.Tensor, factor) -> torch.Tensor:
     """Meta's Llama 3 forward written from its description: complex (interleaved-pair) RoPE whose frequencies,
     with use_scaled_rope, are rescaled one by one (8192-token original context, low/high factors 1 and 4)."""
@@ -204,7 +179,7 @@ def test_meta_llama3_to_native_matches_reference(tmp_path, capsys, tied):
     from test_convert_cli import _write_meta
     params = dict(META3, **({"rope_scaling_factor": 32.0} if tied else {}))
     factor = 32.0 if tied else 8.0
-    w = _meta3_weights(params, tied)
+    w = _meta_weights(params, tied=tied)
     _write_meta(w, params, tmp_path / "meta", shards=1 if tied else 2)
     _tiktoken_file(tmp_path / "meta" / "tokenizer.model")
     flags = [] if tied else ["--rope-scaling-factor", "8"]  # 3.1's params.json does not say its factor
@@ -232,7 +207,7 @@ def _meta_refused(capsys, meta: Path, out: Path, words: str, flags=()) -> None:
 
 def test_meta_params_that_disagree_or_are_unknown_are_refused(tmp_path, capsys):
     from test_convert_cli import _write_meta
-    w = _meta3_weights(META3, tied=False)
+    w = _meta_weights(META3)
     _write_meta(w, META3, tmp_path / "meta", shards=2)
     out = tmp_path / "out"
     _meta_refused(capsys, tmp_path / "meta", out, "use_scaled_rope but no rope_scaling_factor: pass "
