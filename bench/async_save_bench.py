@@ -242,7 +242,8 @@ def main() -> int:
         t = saver.timing
         slow = sum(max(0.0, s - median_step) for s in step_times)
         rec = {"stall_s": stall, "commit_s": commit_s, "steps_during_write": len(step_times),
-               "step_times_s": step_times[:], "slowdown_s": slow, "write_s": t.write_s, "bytes": t.bytes,
+               "step_times_s": step_times[:], "slowdown_s": slow, "write_s": t.write_s,
+               "write_phases_s": t.write_phases_s, "bytes": t.bytes,
                "write_gb_s": t.bytes / GB / t.write_s, "host_buffer_bytes": t.host_bytes,
                "rss_gib_before": rss0, "rss_gib_after": _rss_gib(),
                "stall_fraction": (stall + commit_s + slow) / result["sync"]["save_s"]}

@@ -82,6 +82,9 @@ def _buffers(rank, world, overrides, save_dir):
         committed.append(sorted(p.name for p in Path(save_dir).iterdir() if p.name.startswith("step")))
     saver.wait()
     saver.close()
+    phases = saver.timing.write_phases_s
+    assert set(phases) == {"serialize", "fsync", "crc"} and min(phases.values()) > 0
+    assert sum(phases.values()) <= saver.timing.write_s  # the split accounts for the write, nothing twice
     return (addresses, allocations, committed, saver.timing.host_bytes, saver.timing.bytes,
             shard_bytes_per_rank(cfg, layout.world_size, torch.float32))
 

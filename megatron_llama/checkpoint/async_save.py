@@ -180,23 +180,33 @@ class _Writer(threading.Thread):
         self.error: Optional[str] = None
         self.bytes_written = 0
         self.seconds = 0.0
+        self.phase_s = {"serialize": 0.0, "fsync": 0.0, "crc": 0.0}  # where the write time went
 
     def run(self) -> None:
         t0 = time.perf_counter()
         try:
             for n, (path, state) in enumerate(self.snapshot.files, 1):
+                t = time.perf_counter()
                 with integrity.without_zip_crc():  # as the synchronous save: the table replaces it
                     torch.save(state, path, _use_new_zipfile_serialization=self.snapshot.zipfile_serialization)
+                t = self._phase("serialize", t)
                 with open(path, "rb") as f:
                     os.fsync(f.fileno())
+                t = self._phase("fsync", t)
                 size = path.stat().st_size
                 self.files[str(path.relative_to(self.snapshot.tmp_dir))] = [size, crc32_of(path)]
+                self._phase("crc", t)
                 self.bytes_written += size
                 if self.after_file is not None:
                     self.after_file(n)
         except Exception as e:  # noqa: BLE001 - reported by every rank at the commit
             self.error = f"{type(e).__name__}: {e}"
         self.seconds = time.perf_counter() - t0
+
+    def _phase(self, name: str, since: float) -> float:
+        now = time.perf_counter()
+        self.phase_s[name] += now - since
+        return now
 
 
 @dataclass
@@ -211,12 +221,14 @@ class _Pending:
 @dataclass
 class SaveTiming:
     """What the last asynchronous save cost: ``stall_s`` (the training loop waited for the copy),
-    ``write_s`` / ``bytes`` (this rank's background write), ``host_bytes`` (buffers held)."""
+    ``write_s`` / ``bytes`` (this rank's background write; ``write_phases_s`` splits it into
+    serialize / fsync / crc), ``host_bytes`` (buffers held)."""
     step: int = 0
     stall_s: float = 0.0
     write_s: float = 0.0
     bytes: int = 0
     host_bytes: int = 0
+    write_phases_s: dict = field(default_factory=dict)
 
 
 class AsyncSaves:
@@ -274,6 +286,7 @@ class AsyncSaves:
         p, self.pending = self.pending, None
         w = p.writer
         self.timing.write_s, self.timing.bytes = w.seconds, w.bytes_written
+        self.timing.write_phases_s = dict(w.phase_s)
         mine = {"files": w.files, "error": w.error}
         rank, world = _dist()
         every = [mine]
