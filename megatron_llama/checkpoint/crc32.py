@@ -1,12 +1,13 @@
 """CRC-32 (zlib's) of large files with several reader threads.
 
 One thread reading a checkpoint file sequentially got ~1.7 GB/s from the H100 machine's disk, and
-DeepSpeed's load waited for that before it began (bench/results/h100-async-save.json). Here a file
-is cut into ``CHUNK`` ranges; a pool of threads reads them (``os.preadv`` into a buffer reused per
-thread) and hashes each one (``zlib.crc32`` releases the GIL), so the disk sees several requests at
-once. The ranges' CRCs are joined with :func:`crc32_combine`, the GF(2) polynomial arithmetic behind
-zlib's ``crc32_combine`` (which Python's ``zlib`` does not expose): appending ``n`` bytes to a
-message multiplies its CRC by x^(8n) modulo the CRC polynomial, then adds the appended bytes' CRC.
+DeepSpeed's load waited for that before it began
+(bench/results/h100-async-save-one-crc-thread.json). Here a file is cut into ``CHUNK`` ranges; a
+pool of threads reads them (``os.preadv`` into a buffer reused per thread) and hashes each one
+(``zlib.crc32`` releases the GIL), so the disk sees several requests at once. The ranges' CRCs are
+joined with :func:`crc32_combine`, the GF(2) polynomial arithmetic behind zlib's ``crc32_combine``
+(which Python's ``zlib`` does not expose): appending ``n`` bytes to a message multiplies its CRC by
+x^(8n) modulo the CRC polynomial, then adds the appended bytes' CRC.
 """
 from __future__ import annotations
 

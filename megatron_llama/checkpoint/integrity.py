@@ -3,18 +3,20 @@
 ``run.json`` (the completeness marker) carries ``files``: ``{relative path: [size, crc32]}`` for
 every file of the checkpoint directory except ``run.json`` itself. The files are split over the
 ranks, each hashes its share (just written, usually still in the page cache) and rank 0 gathers the
-table. Measured for one rank holding a 26.3 GB ZeRO-1 checkpoint on an H100 host: 9.3 s, 23 % of a
-40 s synchronous save, with one thread (bench/results/h100-async-save.json); 2.1 s (12.8 GB/s from
-the page cache) with ``crc32.py``'s threads (h100-async-save-zip-crc.json). An asynchronous save
-hashes in its background writer instead. Verification before a resume works the same way: sizes on
-every rank (a ``stat`` per file), CRCs split over the ranks, the first problem found is reported by
-all; cold from that host's disk, 16.8 s with 8 threads against 40.8 s with one.
+table. Measured for one rank holding a 26.3 GB ZeRO-1 checkpoint on H100 hosts: 9.3 s, 23 % of a
+40 s synchronous save, with one thread (bench/results/h100-async-save-one-crc-thread.json); 1.7 to
+2.1 s (13 to 16 GB/s from the page cache) with ``crc32.py``'s threads (h100-async-save.json,
+h100-async-save-zip-crc.json). An asynchronous save hashes in its background writer instead.
+Verification before a resume works the same way: sizes on every rank (a ``stat`` per file), CRCs
+split over the ranks, the first problem found is reported by all; cold from disk, 13.0 s with 8
+threads against 23.4 s with one on the same host (h100-async-save.json).
 
 A checkpoint written before this table existed has no ``files``: it is accepted unchecked.
 
 The table replaces the CRC-32 that ``torch.save`` writes for every record of its zip file
-(:func:`without_zip_crc`): torch computes that one in the saving thread at zlib's speed (2.1 GB/s
-on the H100 host of bench/results/h100-async-save-zip-crc.json: ~12 s for 26.3 GB) and
+(:func:`without_zip_crc`): torch computes that one in the saving thread at zlib's speed (2.1 to
+4.1 GB/s on H100 hosts; dropping it cut the background write of 26.3 GB from 20.4 s to 16.7 s in
+bench/results/h100-async-save.json) and
 ``torch.load`` never checks it (a flipped byte in a tensor loads silently, mapped or not), so it
 protected nothing. Checkpoint files still load with ``torch.load``; ``unzip -t`` reports their
 records' CRCs as wrong.
