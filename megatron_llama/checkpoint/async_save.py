@@ -180,7 +180,7 @@ class _Writer(threading.Thread):
         self.error: Optional[str] = None
         self.bytes_written = 0
         self.seconds = 0.0
-        self.phase_s = {"serialize": 0.0, "fsync": 0.0, "crc": 0.0}  # where the write time went
+        self.phase_s: dict[str, float] = {"serialize": 0.0, "fsync": 0.0, "crc": 0.0}  # where the write time went
 
     def run(self) -> None:
         t0 = time.perf_counter()
@@ -228,7 +228,7 @@ class SaveTiming:
     write_s: float = 0.0
     bytes: int = 0
     host_bytes: int = 0
-    write_phases_s: dict = field(default_factory=dict)
+    write_phases_s: dict[str, float] = field(default_factory=dict)
 
 
 class AsyncSaves:
